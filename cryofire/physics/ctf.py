@@ -1,0 +1,105 @@
+"""The contrast transfer function, RELION's formula and sign (docs/conventions.md).
+
+``CTF(s) = -sin(chi(s)) * exp(-B s^2 / 4)`` with
+``chi = -pi lambda df(theta) s^2 + pi/2 Cs lambda^3 s^4 - phase_shift - atan(w / sqrt(1 - w^2))``,
+so the CTF is ``+w`` at zero frequency. Per-particle parameters are tensors (B,) or scalars;
+frequencies are in cycles per Ångström.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cryofire.physics.lattice import frequency_grid_2d
+
+_PLANCK_J_S = 6.62607015e-34
+_ELECTRON_MASS_KG = 9.1093837015e-31
+_ELEMENTARY_CHARGE_C = 1.602176634e-19
+_LIGHT_SPEED_M_S = 299792458.0
+_MM_TO_ANGSTROM = 1e7
+
+Parameter = torch.Tensor | float
+
+
+def electron_wavelength_angstrom(voltage_kv: Parameter) -> Parameter:
+    """Relativistic electron wavelength in Å for an acceleration voltage in kV.
+
+    0.01969 Å at 300 kV; works elementwise on tensors.
+    """
+    voltage_v = voltage_kv * 1e3
+    energy_j = _ELEMENTARY_CHARGE_C * voltage_v
+    rest_energy_j = _ELECTRON_MASS_KG * _LIGHT_SPEED_M_S**2
+    momentum_sq = 2 * _ELECTRON_MASS_KG * energy_j * (1 + energy_j / (2 * rest_energy_j))
+    return _PLANCK_J_S / momentum_sq**0.5 * 1e10
+
+
+def _per_image(value: Parameter, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) parameter as (B, 1, 1), which broadcasts against (D, D) grids; scalars stay 0-d."""
+    tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return tensor[..., None, None] if tensor.dim() > 0 else tensor
+
+
+def compute_ctf(
+    freqs_per_angstrom: torch.Tensor,
+    defocus_u_angstrom: Parameter,
+    defocus_v_angstrom: Parameter,
+    defocus_angle_deg: Parameter,
+    voltage_kv: Parameter,
+    cs_mm: Parameter,
+    amplitude_contrast: Parameter,
+    phase_shift_deg: Parameter = 0.0,
+    bfactor_angstrom2: Parameter = 0.0,
+) -> torch.Tensor:
+    """CTF values on a frequency grid.
+
+    Args:
+        freqs_per_angstrom: (..., D, D, 2) frequencies (kx, ky) in 1/Å, e.g. (D, D, 2) shared by
+            the batch or (B, D, D, 2) per image.
+        defocus_u_angstrom, defocus_v_angstrom: defocus (Å, positive = underfocus), (B,) or scalar.
+        defocus_angle_deg: angle of the U axis from the x axis (degrees).
+        voltage_kv: acceleration voltage (kV). cs_mm: spherical aberration (mm).
+        amplitude_contrast: fraction w in [0, 1). phase_shift_deg: phase plate shift (degrees).
+        bfactor_angstrom2: envelope B-factor (Å^2).
+
+    Returns:
+        (B, D, D) (the broadcast shape of the parameters and the grid), in the grid's dtype.
+    """
+    kx, ky = freqs_per_angstrom[..., 0], freqs_per_angstrom[..., 1]
+    s_sq = kx * kx + ky * ky
+    theta = torch.atan2(ky, kx)
+    like = freqs_per_angstrom
+    df_u, df_v = _per_image(defocus_u_angstrom, like), _per_image(defocus_v_angstrom, like)
+    angle = torch.deg2rad(_per_image(defocus_angle_deg, like))
+    defocus = (df_u + df_v) / 2 + (df_u - df_v) / 2 * torch.cos(2 * (theta - angle))
+    wavelength = electron_wavelength_angstrom(_per_image(voltage_kv, like))
+    cs_angstrom = _per_image(cs_mm, like) * _MM_TO_ANGSTROM
+    w = _per_image(amplitude_contrast, like)
+    chi = (
+        -math.pi * wavelength * defocus * s_sq
+        + math.pi / 2 * cs_angstrom * wavelength**3 * s_sq**2
+        - torch.deg2rad(_per_image(phase_shift_deg, like))
+        - torch.atan(w / torch.sqrt(1 - w * w))
+    )
+    envelope = torch.exp(-_per_image(bfactor_angstrom2, like) * s_sq / 4)
+    return -torch.sin(chi) * envelope
+
+
+def ctf_for_images(
+    size: int,
+    pixel_size_angstrom: Parameter,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **params: Parameter,
+) -> torch.Tensor:
+    """CTF on the centred (D, D) Fourier lattice of images with the given pixel size (Å).
+
+    ``pixel_size_angstrom`` is (B,) or a scalar; ``params`` are the keyword arguments of
+    :func:`compute_ctf` (``defocus_u_angstrom``, ...). Returns (B, D, D) (or (D, D) when every
+    parameter is a scalar).
+    """
+    freqs_px = frequency_grid_2d(size, device=device, dtype=dtype)
+    pixel_size = torch.as_tensor(pixel_size_angstrom, dtype=freqs_px.dtype, device=freqs_px.device)
+    freqs_per_angstrom = freqs_px / pixel_size[..., None, None, None]
+    return compute_ctf(freqs_per_angstrom, **params)
