@@ -1,0 +1,163 @@
+"""Metrics against ground truth: rotation and shift errors, FSC, and class confusion.
+
+Ab initio poses are defined up to a global rotation of the map and up to its hand, so rotation errors are
+measured after the best global alignment, trying both hands: predicted poses `P_i` are compared with the true
+`A_i` as `H P_i H Q` with `H = diag(1, 1, -1)` (mirror hand) or `H = I`, and one rotation `Q` for all images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from cryofire import physics
+from cryofire.errors import ConfigError
+
+_ANCHORS = 64
+_SEARCH_IMAGES = 20_000
+_HAND_FLIP = np.diag([1.0, 1.0, -1.0])
+
+
+def poses_from_table(table: pd.DataFrame) -> np.ndarray:
+    """RELION pose matrices (N, 3, 3) from rlnAngleRot/Tilt/Psi (degrees)."""
+    angles = [torch.tensor(table[c].to_numpy(np.float64)) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
+    return physics.euler_to_matrix(*angles).numpy()
+
+
+def shifts_px_from_table(table: pd.DataFrame) -> np.ndarray:
+    """RELION origins in pixels (N, 2)."""
+    origins = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
+    return origins / table["rlnImagePixelSize"].to_numpy(np.float64)[:, None]
+
+
+def rotation_errors_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Geodesic angle between matching rotations of (N, 3, 3) stacks, degrees."""
+    trace = np.einsum("nij,nij->n", a, b)
+    return np.rad2deg(np.arccos(np.clip((trace - 1.0) / 2.0, -1.0, 1.0)))
+
+
+def _project_to_so3(m: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(m)
+    d = np.sign(np.linalg.det(u @ vt))
+    return u @ np.diag([1.0, 1.0, d]) @ vt
+
+
+def _best_alignment(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, float]:
+    """Global Q minimising the median error of pred @ Q vs true: anchors, then inlier least squares."""
+    rng = np.random.default_rng(0)
+    anchors = rng.choice(len(pred), size=min(_ANCHORS, len(pred)), replace=False)
+    candidates = np.einsum("nji,njk->nik", pred[anchors], true[anchors])  # Q_a = P_a^T A_a
+    medians = [np.median(rotation_errors_deg(pred @ q, true)) for q in candidates]
+    q = candidates[int(np.argmin(medians))]
+    for _ in range(5):
+        errors = rotation_errors_deg(pred @ q, true)
+        inliers = errors <= max(2.0 * np.median(errors), 5.0)
+        q = _project_to_so3(np.einsum("nji,njk->ik", pred[inliers], true[inliers]))
+    return q, float(np.median(rotation_errors_deg(pred @ q, true)))
+
+
+@dataclass
+class PoseAlignment:
+    """The global transform taking predicted poses to the true frame: true ~ hand @ pred @ hand @ rotation."""
+
+    rotation: np.ndarray
+    mirrored_hand: bool
+
+    def apply(self, pred: np.ndarray) -> np.ndarray:
+        hand = _HAND_FLIP if self.mirrored_hand else np.eye(3)
+        return hand @ pred @ hand @ self.rotation
+
+
+def align_poses(pred: np.ndarray, true: np.ndarray) -> PoseAlignment:
+    """Best global rotation and hand, found on up to 20,000 images."""
+    rng = np.random.default_rng(1)
+    subset = rng.choice(len(pred), size=min(_SEARCH_IMAGES, len(pred)), replace=False)
+    best = None
+    for mirrored in (False, True):
+        hand = _HAND_FLIP if mirrored else np.eye(3)
+        q, median = _best_alignment(hand @ pred[subset] @ hand, true[subset])
+        if best is None or median < best[0]:
+            best = (median, PoseAlignment(q, mirrored))
+    return best[1]
+
+
+def pose_metrics(pred_table: pd.DataFrame, true_table: pd.DataFrame) -> dict:
+    """Rotation (degrees, after alignment) and shift (pixels) errors of matching rows."""
+    pred, true = poses_from_table(pred_table), poses_from_table(true_table)
+    alignment = align_poses(pred, true)
+    errors = rotation_errors_deg(alignment.apply(pred), true)
+    shift_errors = np.linalg.norm(shifts_px_from_table(pred_table) - shifts_px_from_table(true_table), axis=1)
+    return {
+        "rotation_error_median_deg": float(np.median(errors)),
+        "rotation_error_mean_deg": float(np.mean(errors)),
+        "rotation_error_p90_deg": float(np.percentile(errors, 90)),
+        "mirrored_hand": alignment.mirrored_hand,
+        "global_rotation": alignment.rotation.tolist(),
+        "shift_error_median_px": float(np.median(shift_errors)),
+        "shift_error_mean_px": float(np.mean(shift_errors)),
+        "n_images": int(len(errors)),
+    }
+
+
+def fsc_metrics(volume: np.ndarray, reference: np.ndarray, pixel_size_angstrom: float) -> dict:
+    """FSC curve and the resolutions (Å) where it crosses 0.5 and 0.143."""
+    freq, fsc = physics.fourier_shell_correlation(torch.from_numpy(volume).double(), torch.from_numpy(reference).double())
+    result = {"frequency_per_angstrom": (freq / pixel_size_angstrom).tolist(), "fsc": fsc.tolist()}
+    for name, threshold in (("resolution_fsc0.5_angstrom", 0.5), ("resolution_fsc0.143_angstrom", 0.143)):
+        cutoff = float(physics.resolution_at(freq, fsc, threshold))
+        result[name] = pixel_size_angstrom / cutoff if cutoff > 0 else float("inf")
+    result["nyquist_angstrom"] = 2.0 * pixel_size_angstrom
+    return result
+
+
+def confusion(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
+    """Fraction of images misassigned after the best one-to-one matching of predicted to true classes."""
+    pred_ids, pred_index = np.unique(pred_labels, return_inverse=True)
+    true_ids, true_index = np.unique(true_labels, return_inverse=True)
+    counts = np.zeros((len(pred_ids), len(true_ids)), dtype=np.int64)
+    np.add.at(counts, (pred_index, true_index), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    matched = counts[rows, cols].sum()
+    return {
+        "confusion_rate": float(1.0 - matched / len(true_labels)),
+        "matrix": counts.tolist(),
+        "predicted_classes": pred_ids.tolist(),
+        "true_classes": true_ids.tolist(),
+    }
+
+
+def evaluate_files(
+    true_star: str | None = None,
+    pred_star: str | None = None,
+    true_labels: str | None = None,
+    pred_labels: str | None = None,
+    volume: str | None = None,
+    true_volume: str | None = None,
+) -> dict:
+    """All metrics the given files allow (poses, classes, FSC), as one JSON-able dict."""
+    from cryofire.io import read_star, read_volume
+
+    metrics: dict = {}
+    # Only metadata is read here (never images), so image paths outside the star folder are harmless.
+    true_table = read_star(true_star, allow_absolute_paths=True) if true_star else None
+    if true_table is not None and pred_star:
+        pred_table = read_star(pred_star, allow_absolute_paths=True)
+        if len(pred_table) != len(true_table):
+            raise ConfigError(f"{pred_star} has {len(pred_table)} particles, {true_star} has {len(true_table)}")
+        metrics.update(pose_metrics(pred_table, true_table))
+    if pred_labels:
+        truth = np.load(true_labels) if true_labels else true_table["rlnClassNumber"].to_numpy()
+        metrics["classes"] = confusion(np.load(pred_labels).ravel(), np.asarray(truth).ravel())
+        metrics["confusion_rate"] = metrics["classes"]["confusion_rate"]
+    if volume and true_volume:
+        predicted, pixel_size = read_volume(volume)
+        reference, _ = read_volume(true_volume)
+        metrics["fsc"] = fsc_metrics(predicted, reference, pixel_size)
+        metrics["resolution_fsc0.5_angstrom"] = metrics["fsc"]["resolution_fsc0.5_angstrom"]
+    if not metrics:
+        raise ConfigError("nothing to evaluate: give --true-star with --pred-star, --pred-labels, or two volumes")
+    return metrics

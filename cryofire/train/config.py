@@ -1,0 +1,107 @@
+"""TrainConfig: the options of `cryofire train` that are not model options, and the run folder's config.yaml."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cryofire.errors import ConfigError
+from cryofire.model import POSE_MODES, ModelConfig
+
+# Model options the training loop derives itself (from the data and the schedule).
+DERIVED_MODEL_OPTIONS = ("box_size", "pose_mode", "planned_images")
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run.
+
+    Attributes:
+        epochs: passes over the training images.
+        batch_size: images per optimisation step.
+        learning_rate: Adam learning rate.
+        weight_decay: Adam weight decay.
+        poses: abinit (poses from the encoder), fixed (poses from the input file; learn the conformations only)
+            or refine (start from the input poses and let the encoder correct them).
+        val_fraction: fraction of the images held out to measure over-fitting (0 to 0.5).
+        seed: random seed (model initialisation, shuffling, train/validation split).
+        device: auto (CUDA when present), cpu, or cuda[:N].
+        num_workers: DataLoader worker processes reading images ahead (0 reads in the main process).
+        mixed_precision: bf16 autocast on CUDA (ignored on the CPU).
+        grad_clip: clip the gradient norm to this value (0 = off).
+        log_every_steps: steps between lines of log.jsonl.
+        datadir: folder the image paths are relative to (default: the particle file's folder).
+        allow_absolute_paths: allow image paths outside the data folder.
+        model: ModelConfig options overriding its defaults.
+    """
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    poses: str = "abinit"
+    val_fraction: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    mixed_precision: bool = True
+    grad_clip: float = 0.0
+    log_every_steps: int = 50
+    datadir: str | None = None
+    allow_absolute_paths: bool = False
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "learning_rate": self.learning_rate > 0,
+            "poses": self.poses in POSE_MODES, "val_fraction": 0.0 <= self.val_fraction <= 0.5,
+            "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
+            "log_every_steps": self.log_every_steps >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid training option(s): {', '.join(bad)} (see `cryofire train --help`)")
+        unknown = set(self.model) - {f.name for f in fields(ModelConfig)}
+        derived = set(self.model) & set(DERIVED_MODEL_OPTIONS)
+        if unknown or derived:
+            raise ConfigError(f"model option(s) not allowed here: {', '.join(sorted(unknown | derived))}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("cryofire", "torch", "numpy", "mrcfile", "starfile", "pandas"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
+    """config.yaml of a run: the options, the derived model configuration, versions and the command line."""
+    payload = {
+        "train": config.to_dict(),
+        "model": model_config.to_dict(),
+        "command": sys.argv,
+        "versions": software_versions(),
+    }
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(payload, sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")

@@ -1,0 +1,95 @@
+"""Training data: particle images with their CTF parameters and (when known) poses, a batch at a time.
+
+Images are read lazily through :class:`cryofire.io.ImageSource`, one whole batch per read (the dataset implements
+``__getitems__``), so memory stays bounded whatever the dataset size and DataLoader workers can prefetch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryofire import physics
+from cryofire.io import ImageSource
+
+CTF_PARAMETER_COLUMNS = (
+    "rlnImagePixelSize", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
+    "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnPhaseShift", "rlnCtfBFactor",
+)
+ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst")
+
+
+def has_poses(table: pd.DataFrame) -> bool:
+    return all(c in table.columns for c in (*ANGLE_COLUMNS, *ORIGIN_COLUMNS))
+
+
+def table_poses(table: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    """RELION poses of a table: matrices (N, 3, 3) and origins in pixels (N, 2), float32."""
+    angles = [torch.tensor(table[c].to_numpy(np.float64)) for c in ANGLE_COLUMNS]
+    rotations = physics.euler_to_matrix(*angles).float()
+    origins = table[list(ORIGIN_COLUMNS)].to_numpy(np.float64) / table["rlnImagePixelSize"].to_numpy()[:, None]
+    return rotations, torch.from_numpy(origins).float()
+
+
+def ctf_from_parameters(parameters: torch.Tensor, size: int) -> torch.Tensor:
+    """CTF images (B, D, D) from rows of CTF_PARAMETER_COLUMNS (B, 9), on the parameters' device."""
+    p = parameters.double()
+    ctf = physics.ctf_for_images(
+        size, p[:, 0], device=parameters.device, dtype=torch.float64,
+        defocus_u_angstrom=p[:, 1], defocus_v_angstrom=p[:, 2], defocus_angle_deg=p[:, 3], voltage_kv=p[:, 4],
+        cs_mm=p[:, 5], amplitude_contrast=p[:, 6], phase_shift_deg=p[:, 7], bfactor_angstrom2=p[:, 8],
+    )
+    return ctf.float()
+
+
+class ParticleImages(torch.utils.data.Dataset):
+    """Batches of {"index", "images" (B, D, D), "ctf_parameters" (B, 9)[, "rotations", "origins_px"]}.
+
+    Args:
+        table: the particle table (docs/conventions.md).
+        rows: which table rows this dataset serves (e.g. the training or validation split); default all.
+    """
+
+    def __init__(self, table: pd.DataFrame, rows: np.ndarray | None = None) -> None:
+        self.table = table
+        self.rows = np.arange(len(table)) if rows is None else np.asarray(rows)
+        self.source = ImageSource(table)
+        self.image_size = self.source.image_size
+        self.ctf_parameters = torch.from_numpy(table[list(CTF_PARAMETER_COLUMNS)].to_numpy(np.float32))
+        self.poses = table_poses(table) if has_poses(table) else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.rows[np.asarray(positions)]
+        batch = {
+            "index": torch.from_numpy(rows),
+            "images": torch.from_numpy(self.source[rows]),
+            "ctf_parameters": self.ctf_parameters[rows],
+        }
+        if self.poses is not None:
+            batch["rotations"], batch["origins_px"] = self.poses[0][rows], self.poses[1][rows]
+        return batch
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([position]).items()}
+
+
+def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DataLoader collate function for datasets that already return whole batches."""
+    return batch
+
+
+def make_loader(
+    dataset: ParticleImages, batch_size: int, shuffle: bool, seed: int, epoch: int, num_workers: int, pin_memory: bool
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose shuffling depends only on (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle, collate_fn=keep_batch,
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+    )

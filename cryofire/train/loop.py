@@ -1,0 +1,201 @@
+"""The training loop of `cryofire train`: read it top to bottom.
+
+setup (run folder, seed, device) -> data (particle table, train/validation split, loaders) -> model and optimizer
+-> resume from the last checkpoint if asked -> epochs of steps (progress bar, JSON-lines log, atomic checkpoint every
+epoch) -> final outputs (poses.star, latents.npy, weights.pt).
+
+Schedules are counted in images seen. Shuffling depends only on (seed, epoch) and the random-number state is saved
+in each checkpoint, so a run killed at any moment and resumed with `--resume` ends with the same weights as an
+uninterrupted one (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryofire.device import resolve_device
+from cryofire.errors import CryofireError
+from cryofire.io import read_particles
+from cryofire.model import CryoFireModel, ModelConfig
+from cryofire.train.checkpoint import load_checkpoint, save_checkpoint
+from cryofire.train.config import TrainConfig, write_run_config
+from cryofire.train.data import ParticleImages, ctf_from_parameters, has_poses, make_loader
+from cryofire.train.predict import predict_dataset, save_predictions, rotation_error_summary
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MAX_BAD_STEPS = 20  # consecutive non-finite losses before training stops
+
+
+def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random (train, validation) row indices, sorted; the validation set is `val_fraction` of the rows."""
+    n_val = int(round(n_rows * val_fraction))
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def training_step(
+    model: CryoFireModel, batch: dict, images_seen: int, device: torch.device, config: TrainConfig
+) -> dict[str, torch.Tensor]:
+    """Forward pass of one batch (under bf16 autocast on CUDA when asked)."""
+    images = batch["images"].to(device, non_blocking=True)
+    ctf = ctf_from_parameters(batch["ctf_parameters"].to(device), images.shape[-1])
+    given = {}
+    if model.config.pose_mode != "abinit":
+        given = {"given_rotations": batch["rotations"].to(device), "given_shifts_px": batch["origins_px"].to(device)}
+    use_bf16 = config.mixed_precision and device.type == "cuda"
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        return model(images, ctf, images_seen, **given)
+
+
+class Trainer:
+    """State of one run: model, optimizer, counters; `fit` runs the epochs."""
+
+    def __init__(self, particles: str | Path, run_dir: str | Path, config: TrainConfig) -> None:
+        self.run_dir, self.config = Path(run_dir), config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.table = read_particles(particles, datadir=config.datadir, allow_absolute_paths=config.allow_absolute_paths)
+        if config.poses != "abinit" and not has_poses(self.table):
+            raise CryofireError(f"{particles}: --poses {config.poses} needs poses (rlnAngleRot/Tilt/Psi, origins)")
+        train_rows, self.val_rows = split_rows(len(self.table), config.val_fraction, config.seed)
+        self.train_set = ParticleImages(self.table, train_rows)
+        self.val_set = ParticleImages(self.table, self.val_rows) if len(self.val_rows) else None
+        planned = config.epochs * (len(train_rows) // config.batch_size) * config.batch_size
+        model_config = ModelConfig.from_dict(
+            {**config.model, "box_size": self.train_set.image_size, "pose_mode": config.poses,
+             "planned_images": max(planned, 1)}
+        )
+        self.model = CryoFireModel(model_config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
+                                          weight_decay=config.weight_decay)
+        self.epoch, self.images_seen, self.bad_steps = 0, 0, 0
+        self.log_path = self.run_dir / "log.jsonl"
+        write_run_config(self.run_dir, config, model_config)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
+            "epoch": self.epoch, "images_seen": self.images_seen, "rng": torch.get_rng_state(),
+        }
+
+    def resume(self) -> bool:
+        """Load `checkpoint.pt` if present; True when a run was resumed."""
+        path = self.run_dir / CHECKPOINT_NAME
+        if not path.exists():
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.images_seen = state["epoch"], state["images_seen"]
+        torch.set_rng_state(state["rng"].cpu())
+        return True
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        while self.epoch < self.config.epochs:
+            started = time.time()
+            train_loss = self.run_epoch()
+            self.epoch += 1
+            record = {"event": "epoch", "epoch": self.epoch, "images_seen": self.images_seen,
+                      "train_loss": train_loss, "epoch_seconds": time.time() - started, **self.evaluate()}
+            self.log(record)
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state())
+
+    def run_epoch(self) -> float:
+        cfg = self.config
+        self.model.train()
+        loader = make_loader(self.train_set, cfg.batch_size, True, cfg.seed, self.epoch, cfg.num_workers,
+                             self.device.type == "cuda")
+        losses, started, images_at_start = [], time.time(), self.images_seen
+        progress = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", mininterval=2.0)
+        for step, batch in enumerate(progress):
+            loss = self.step(batch)
+            if loss is not None:
+                losses.append(loss)
+            rate = (self.images_seen - images_at_start) / max(time.time() - started, 1e-9)
+            progress.set_postfix(loss=f"{losses[-1] if losses else math.nan:.4g}", img_s=f"{rate:.0f}")
+            if (step + 1) % cfg.log_every_steps == 0:
+                self.log({"event": "step", "epoch": self.epoch, "images_seen": self.images_seen,
+                          "loss": float(np.mean(losses[-cfg.log_every_steps:])), "images_per_s": rate,
+                          "learning_rate": cfg.learning_rate, "radius_px": self.radius_px()})
+        return float(np.mean(losses)) if losses else math.nan
+
+    def step(self, batch: dict) -> float | None:
+        """One optimisation step; a non-finite loss skips the update (and is logged)."""
+        out = training_step(self.model, batch, self.images_seen, self.device, self.config)
+        self.images_seen += len(batch["index"])
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            self.bad_steps += 1
+            self.log({"event": "nonfinite_loss", "epoch": self.epoch, "images_seen": self.images_seen})
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise CryofireError(f"training stopped: the loss was NaN/inf in {MAX_BAD_STEPS} consecutive steps "
+                                    "(lower --lr, set --grad-clip, or check the input images)")
+            return None
+        self.bad_steps = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def radius_px(self) -> float:
+        from cryofire.model import frequency_radius_px
+
+        return frequency_radius_px(self.images_seen, self.model.config.box_size, self.model.schedule)
+
+    def evaluate(self) -> dict:
+        """Validation loss, mask radius, and (simulated data, ab initio) rotation error of a training subset."""
+        result = {"radius_px": self.radius_px()}
+        if self.val_set is not None:
+            val = predict_dataset(self.model, self.val_set, self.images_seen, self.device, self.config)
+            result["val_loss"] = float(val["per_image_loss"].mean())
+        if self.config.poses == "abinit" and has_poses(self.table):
+            rows = self.train_set.rows[:: max(1, len(self.train_set) // 1000)]
+            monitor = predict_dataset(self.model, ParticleImages(self.table, rows), self.images_seen, self.device,
+                                      self.config)
+            result.update(rotation_error_summary(monitor, self.train_set.poses))
+        return result
+
+    def log(self, record: dict) -> None:
+        record["wall_time"] = time.time()
+        with open(self.log_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if record["event"] == "epoch":
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                                if k not in ("event", "wall_time")))
+
+    def finish(self) -> None:
+        """Predict every image (input order) and write poses.star, latents.npy, weights.pt."""
+        everything = ParticleImages(self.table)
+        predictions = predict_dataset(self.model, everything, self.images_seen, self.device, self.config)
+        save_predictions(self.run_dir, self.table, predictions)
+        weights = {"model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
+                   "train_config": self.config.to_dict(), "images_seen": self.images_seen}
+        save_checkpoint(self.run_dir / "weights.pt", weights)
+
+
+def train(particles: str | Path, run_dir: str | Path, config: TrainConfig, resume: bool = False) -> Path:
+    """Train a model on a preprocessed dataset; returns the run folder."""
+    trainer = Trainer(particles, run_dir, config)
+    if resume and trainer.resume():
+        tqdm.write(f"resumed at epoch {trainer.epoch} ({trainer.images_seen} images seen)")
+    elif not resume and (trainer.run_dir / CHECKPOINT_NAME).exists():
+        raise CryofireError(f"{trainer.run_dir} holds a checkpoint: use --resume to continue it, or another -o")
+    trainer.fit()
+    trainer.finish()
+    return trainer.run_dir
+
