@@ -105,13 +105,21 @@ def pose_metrics(pred_table: pd.DataFrame, true_table: pd.DataFrame) -> dict:
 
 def fsc_metrics(volume: np.ndarray, reference: np.ndarray, pixel_size_angstrom: float) -> dict:
     """FSC curve and the resolutions (Å) where it crosses 0.5 and 0.143."""
-    freq, fsc = physics.fourier_shell_correlation(torch.from_numpy(volume).double(), torch.from_numpy(reference).double())
+    freq, fsc = physics.fourier_shell_correlation(torch.tensor(volume, dtype=torch.float64),
+                                                  torch.tensor(reference, dtype=torch.float64))
     result = {"frequency_per_angstrom": (freq / pixel_size_angstrom).tolist(), "fsc": fsc.tolist()}
     for name, threshold in (("resolution_fsc0.5_angstrom", 0.5), ("resolution_fsc0.143_angstrom", 0.143)):
         cutoff = float(physics.resolution_at(freq, fsc, threshold))
         result[name] = pixel_size_angstrom / cutoff if cutoff > 0 else float("inf")
     result["nyquist_angstrom"] = 2.0 * pixel_size_angstrom
     return result
+
+
+def common_box(volume: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier-crop the larger of two volumes (same physical box) to the smaller one's size."""
+    size = min(volume.shape[-1], reference.shape[-1])
+    crop = lambda v: physics.downsample_volume(torch.from_numpy(np.array(v, np.float64)), size).numpy()  # noqa: E731
+    return crop(volume), crop(reference)
 
 
 def confusion(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
@@ -156,7 +164,7 @@ def evaluate_files(
     if volume and true_volume:
         predicted, pixel_size = read_volume(volume)
         reference, _ = read_volume(true_volume)
-        metrics["fsc"] = fsc_metrics(predicted, reference, pixel_size)
+        metrics["fsc"] = fsc_metrics(*common_box(predicted, reference), pixel_size)
         metrics["resolution_fsc0.5_angstrom"] = metrics["fsc"]["resolution_fsc0.5_angstrom"]
     if not metrics:
         raise ConfigError("nothing to evaluate: give --true-star with --pred-star, --pred-labels, or two volumes")

@@ -34,7 +34,7 @@ def batch_physics(rows: pd.DataFrame, size: int, device: torch.device) -> tuple[
         defocus_u_angstrom=column("rlnDefocusU"), defocus_v_angstrom=column("rlnDefocusV"),
         defocus_angle_deg=column("rlnDefocusAngle"), voltage_kv=column("rlnVoltage"),
         cs_mm=column("rlnSphericalAberration"), amplitude_contrast=column("rlnAmplitudeContrast"),
-        phase_shift_deg=column("rlnPhaseShift"), bfactor_angstrom2=column("rlnCtfBFactor"),
+        phase_shift_deg=column("rlnPhaseShift"), bfactor_angstrom2=column("rlnCtfBfactor"),
     )
     return rotations, origin_px, ctf_args
 

@@ -54,7 +54,7 @@ def test_ctf_shifts_and_image_location(fixtures_dir):
     stack = "J19/extract/20150917_05196_DNA-TET-25k-DE20_raw.region_000.sum-all_003-072_particles.mrc"
     assert first["rlnImageName"] == f"000001@{stack}"
     assert first["image_path"] == str(fixtures_dir / stack)
-    assert (first["rlnPhaseShift"], first["rlnCtfBFactor"], first["rlnOpticsGroup"]) == (0.0, 0.0, 1)
+    assert (first["rlnPhaseShift"], first["rlnCtfBfactor"], first["rlnOpticsGroup"]) == (0.0, 0.0, 1)
 
 
 def test_2d_alignments_give_no_poses(fixtures_dir):
@@ -64,7 +64,7 @@ def test_2d_alignments_give_no_poses(fixtures_dir):
     stack = "J1/imported/000090334788266266069_18jam15b_0345_ali_DW.mrcs"
     assert table["rlnImageName"].iloc[0] == f"000001@{stack}"  # leading '>' stripped
     assert table["image_index"].tolist() == np.load(path)["blob/idx"].tolist()
-    assert "rlnCtfBFactor" in table.columns and (table["rlnImageSize"] == 300).all()
+    assert "rlnCtfBfactor" in table.columns and (table["rlnImageSize"] == 300).all()
 
 
 def test_datadir_finds_stacks_by_bare_file_name(fixtures_dir, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from cryofire.physics import (
     circular_mask,
     downsample_images,
+    downsample_volume,
     fft2_centered,
     fft3_centered,
     fourier_crop2,
@@ -107,3 +108,14 @@ def test_fourier_crop_keeps_dc_at_the_new_centre():
     cropped = fourier_crop2(spectrum, 15)
     assert cropped.shape == (3, 15, 15)
     assert torch.isclose(cropped[0, 7, 7].real, torch.tensor(1024.0))
+
+
+def test_downsample_volume_matches_coarse_sampling_of_band_limited_volume():
+    """A volume of low frequencies only, Fourier-cropped, equals the same function sampled coarsely."""
+    def sample(size: int) -> torch.Tensor:
+        grid = (torch.arange(size, dtype=torch.float64) - size // 2) / size
+        z, y, x = torch.meshgrid(grid, grid, grid, indexing="ij")
+        return 1.0 + torch.cos(2 * math.pi * 3 * x) * torch.sin(2 * math.pi * 2 * y + 0.3) + torch.cos(2 * math.pi * z)
+
+    coarse = downsample_volume(sample(32), 16)
+    assert torch.allclose(coarse, sample(16), atol=1e-10)

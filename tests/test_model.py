@@ -225,3 +225,13 @@ def test_config_round_trips_and_rejects_unknown_options() -> None:
         ModelConfig.from_dict(config.to_dict() | {"lr": 1e-4})
     with pytest.raises(ConfigError):
         small_config(pose_mode="search")
+
+
+def test_state_dict_and_config_rebuild_the_same_model() -> None:
+    model = CryoFireModel(small_config(variational=True)).eval()
+    rebuilt = CryoFireModel(ModelConfig.from_dict(model.config.to_dict())).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    images = torch.randn(2, BOX, BOX)
+    first, second = model(images, None, 900), rebuilt(images, None, 900)
+    assert torch.equal(first["rotations"], second["rotations"])
+    assert torch.equal(first["loss"], second["loss"])

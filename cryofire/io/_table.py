@@ -15,7 +15,7 @@ import pandas as pd
 from cryofire.errors import InputError
 
 CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
-               "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnPhaseShift", "rlnCtfBFactor")
+               "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnPhaseShift", "rlnCtfBfactor")
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst")
 INTEGER_COLUMNS = ("image_index", "rlnImageSize", "rlnOpticsGroup")
@@ -25,7 +25,7 @@ REQUIRED_COLUMNS = ("rlnImageName", "image_path", "image_index", "rlnImageSize",
 NUMERIC_COLUMNS = (*CTF_COLUMNS, *ANGLE_COLUMNS, *ORIGIN_COLUMNS, "rlnImagePixelSize", "rlnImageSize",
                    "rlnOpticsGroup", "rlnOriginX", "rlnOriginY", "rlnMagnification",
                    "rlnDetectorPixelSize", "rlnPixelSize")
-DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBFactor": 0.0, "rlnOpticsGroup": 1}
+DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnOpticsGroup": 1}
 
 _ABSOLUTE_PATH_HINT = ("if you trust this file, allow such paths with allow_absolute_paths=True "
                        "(--allow-absolute-paths), or give the folder holding the stacks as datadir "

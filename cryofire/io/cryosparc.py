@@ -96,7 +96,7 @@ def _ctf_and_images(particles: np.ndarray, path: str | Path) -> pd.DataFrame:
         "rlnPhaseShift": np.rad2deg(particles["ctf/phase_shift_rad"].astype(np.float64)),
     })
     if "ctf/bfactor" in particles.dtype.names:
-        table["rlnCtfBFactor"] = particles["ctf/bfactor"].astype(np.float64)
+        table["rlnCtfBfactor"] = particles["ctf/bfactor"].astype(np.float64)
     exposure_group = particles["ctf/exp_group_id"] if "ctf/exp_group_id" in particles.dtype.names else 0
     keys = table[list(_OPTICS_COLUMNS)].assign(exposure_group=exposure_group)
     table["rlnOpticsGroup"] = keys.groupby(list(keys.columns), sort=True).ngroup().astype(np.int64) + 1

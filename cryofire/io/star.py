@@ -2,9 +2,6 @@
 
 Reads RELION 3.0 (one particle block, CTF and pixel size per particle) and RELION 3.1/4/5
 (``data_optics`` + ``data_particles``, optics merged into each particle). Writes RELION 3.1.
-
-The table uses ``rlnCtfBFactor`` (docs/conventions.md) for the CTF B-factor; RELION's own label
-``rlnCtfBfactor`` is renamed on reading and restored on writing.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from cryofire.io._table import (add_defaults, ensure_numeric, require_columns, r
                                 split_image_names)
 from cryofire.io.mrc import read_stack_layout, stack_pixel_size
 
-RELION_BFACTOR = "rlnCtfBfactor"
 # Columns read from the file that must be present once optics are merged in.
 _REQUIRED_IN_FILE = ("rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
                      "rlnSphericalAberration", "rlnAmplitudeContrast")
@@ -47,7 +43,7 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
     Pixel size comes from ``rlnImagePixelSize``, else ``rlnDetectorPixelSize`` (µm) * 1e4 /
     ``rlnMagnification``, else ``rlnPixelSize``, else (with a warning) the first stack's header.
     Pixel origins ``rlnOriginX/Y`` (RELION 3.0) become ``rlnOriginXAngst/YAngst``. Missing
-    ``rlnPhaseShift``/``rlnCtfBFactor`` default to 0 and ``rlnOpticsGroup`` to 1. Without
+    ``rlnPhaseShift``/``rlnCtfBfactor`` default to 0 and ``rlnOpticsGroup`` to 1. Without
     ``rlnImageSize`` the box size is read from the header of the first stack; when that stack
     cannot be read the column holds <NA> (with a warning). Stacks need not exist otherwise.
 
@@ -63,7 +59,6 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
     if datadir is not None and not os.path.isdir(datadir):
         raise InputError(datadir, "datadir is not a folder")
     particles, optics, block = _particle_blocks(path)
-    particles = particles.rename(columns={RELION_BFACTOR: "rlnCtfBFactor"})
     where = f"data_{block}"
     if optics is not None:
         particles = _merge_optics(particles, optics, path)
@@ -188,7 +183,6 @@ def write_star(path: str | Path, table: pd.DataFrame) -> None:
     if table["rlnImageSize"].isna().any():
         raise ValueError("rlnImageSize is unknown for some particles; set it from the stacks "
                          "(ImageSource.image_size) before writing")
-    table = table.rename(columns={"rlnCtfBFactor": RELION_BFACTOR})
     optics, particles = _split_optics(table)
     particles = particles.assign(rlnImageName=_image_names(table, Path(path).parent))
     text = _loop_text("optics", optics) + _loop_text("particles", particles)
@@ -213,8 +207,9 @@ def _split_optics(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _image_names(table: pd.DataFrame, folder: Path) -> pd.Series:
     """RELION image names ``"%06d@stack"``, the stack relative to ``folder`` when inside it."""
     root = os.path.abspath(folder)
-    stacks = {stack: (os.path.relpath(stack, root) if os.path.commonpath([root, stack]) == root else stack)
-              for stack in table["image_path"].unique()}
+    absolute = {stack: os.path.abspath(stack) for stack in table["image_path"].unique()}
+    stacks = {stack: (os.path.relpath(full, root) if os.path.commonpath([root, full]) == root else full)
+              for stack, full in absolute.items()}
     numbers = (table["image_index"].astype(np.int64) + 1).astype(str).str.zfill(6)
     return numbers + "@" + table["image_path"].map(stacks)
 

@@ -98,7 +98,7 @@ class CryoFireModel(nn.Module):
         window = soft_circular_window(
             config.box_size, config.window_inner_fraction, config.window_outer_fraction
         )
-        self.register_buffer("window", window.float())
+        self.register_buffer("window", window.float(), persistent=False)
         if config.pose_mode == "refine":
             self.encoder.start_at_identity()
 

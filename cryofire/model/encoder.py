@@ -3,10 +3,11 @@
 Layout: per-image standardisation -> ``n`` stages of [conv3x3, GroupNorm, ReLU] x 2 + 2x2 average
 pooling (``n`` derived from the box so the last map is about 4 x 4 px) -> adaptive pooling to
 exactly 4 x 4 -> two separate two-layer MLPs, one for the pose heads, one for the conformation
-head. Separate MLPs keep the random-latent pose-only phase and the later latent training from
-fighting over one feature layer; GroupNorm and the MLPs are what the official code lacks and what
-makes amortized pose regression converge reliably at low SNR (single linear heads on raw CNN
-features tend to stall).
+head. Compared with the official code (GroupNorm after pooling, single linear heads on the CNN
+features, unbounded shifts) the MLPs give the heads a nonlinear read-out, the separate branches
+keep the latent's training (after the pose-only phase) from reshaping the pose read-out, and the
+shift is bounded. These are design choices meant to ease convergence at low SNR, not measured
+here: check them against rotation error on simulated data.
 
 Heads, for each of ``num_pose_heads`` hypotheses (winner-takes-all, METHOD.md section 7):
 rotation (6 numbers -> S2S2 Gram-Schmidt -> RELION matrix) and shift (2 numbers ->

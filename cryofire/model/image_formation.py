@@ -47,9 +47,10 @@ class HalfPlaneLattice(nn.Module):
         flat_index = half.nonzero().squeeze(-1)
         order = torch.argsort(radius_px[flat_index], stable=True)
         flat_index = flat_index[order]
-        self.register_buffer("coords", freqs[flat_index].float())
-        self.register_buffer("flat_index", flat_index)
-        self.register_buffer("radius_px", radius_px[flat_index].float())
+        # Derived from the box size alone: moved with the module, not saved in checkpoints.
+        self.register_buffer("coords", freqs[flat_index].float(), persistent=False)
+        self.register_buffer("flat_index", flat_index, persistent=False)
+        self.register_buffer("radius_px", radius_px[flat_index].float(), persistent=False)
         self._radii_px = radius_px[flat_index].tolist()
 
     def count_within(self, radius_px: float) -> int:

@@ -16,6 +16,7 @@ from cryofire.physics.ctf import (
 )
 from cryofire.physics.fft import (
     downsample_images as downsample_images,
+    downsample_volume as downsample_volume,
     fft2_centered as fft2_centered,
     fft3_centered as fft3_centered,
     fourier_crop2 as fourier_crop2,

@@ -93,3 +93,17 @@ def downsample_images(images: torch.Tensor, new_size: int) -> torch.Tensor:
     size = images.shape[-1]
     cropped = fourier_crop2(fft2_centered(images), new_size)
     return ifft2_centered(cropped).real * (new_size / size) ** 2
+
+
+def downsample_volume(volume: torch.Tensor, new_size: int) -> torch.Tensor:
+    """Fourier-crop a real ``volume`` (..., D, D, D) to (..., d, d, d), d = ``new_size``.
+
+    Voxel values keep their scale (the mean is preserved): the voxel size grows by ``D / d``.
+    """
+    size = volume.shape[-1]
+    if not 0 < new_size <= size:
+        raise ValueError(f"new_size must be in 1..{size}, got {new_size}")
+    start = size // 2 - new_size // 2
+    block = slice(start, start + new_size)
+    cropped = fft3_centered(volume)[..., block, block, block]
+    return ifft3_centered(cropped).real * (new_size / size) ** 3

@@ -104,7 +104,7 @@ def _optics_columns(config: SimulationConfig) -> dict:
         "rlnSphericalAberration": config.cs_mm,
         "rlnAmplitudeContrast": config.amplitude_contrast,
         "rlnPhaseShift": 0.0,
-        "rlnCtfBFactor": 0.0,
+        "rlnCtfBfactor": 0.0,
         "rlnImagePixelSize": config.pixel_size_angstrom,
         "rlnImageSize": config.box_size,
         "rlnOpticsGroup": 1,
