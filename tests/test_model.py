@@ -17,6 +17,8 @@ from cryofire.model import (
     ModelConfig,
     observed_spectrum,
     predict_spectrum,
+    recentre,
+    slice_coordinates,
 )
 
 BOX = 32
@@ -216,6 +218,18 @@ def test_forward_runs_under_bf16_autocast() -> None:
         out = model(torch.randn(3, BOX, BOX), make_ctf(3), 900)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     assert out["rotations"].dtype == torch.float32
+
+
+def test_coordinates_and_phases_stay_float32_under_bf16_autocast() -> None:
+    lattice = HalfPlaneLattice(BOX)
+    coords = lattice.coords[: lattice.count_within(BOX / 2)]
+    rotations = physics.random_rotations(3)[:, None]
+    observed, shifts = torch.randn(3, coords.shape[0], 2), 5 * torch.randn(3, 2, 2)
+    reference = (slice_coordinates(rotations, coords), recentre(observed, coords, shifts))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = (slice_coordinates(rotations, coords), recentre(observed, coords, shifts))
+    for expected, got in zip(reference, autocast):
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_config_round_trips_and_rejects_unknown_options() -> None:

@@ -1,7 +1,8 @@
 """Particles from any supported file, and the lazy image source over their stacks.
 
 The particle table (docs/conventions.md) carries the metadata; :class:`ImageSource` reads the
-pixels on demand from memory-mapped stacks, so data sets larger than memory can be used.
+pixels on demand from the stacks with explicit reads (no memory maps, so resident memory stays at one
+batch), so data sets larger than memory can be used.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class ImageSource:
     Args:
         table: particle table with ``image_path``, ``image_index`` (and ideally ``rlnImageName``).
         check_finite: raise InputError when a requested image holds NaN or infinite pixels.
-        max_open_stacks: how many stacks stay memory-mapped at once.
+        max_open_stacks: how many stack files stay open at once.
     """
 
     def __init__(self, table: pd.DataFrame, check_finite: bool = True, max_open_stacks: int = 8) -> None:
@@ -96,7 +97,7 @@ class ImageSource:
         self._labels = table.index.to_numpy()
         self.check_finite = check_finite
         self._max_open_stacks = max_open_stacks
-        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._open: OrderedDict[int, int] = OrderedDict()
         self._layouts = self._read_layouts()
         self.image_size = self._layouts[0].box_px
         self._check_indices()
@@ -168,24 +169,31 @@ class ImageSource:
     def _read_from_stack(self, code: int, image_indices: np.ndarray, out: np.ndarray,
                          positions: np.ndarray) -> None:
         """Copy images ``image_indices`` of one stack into ``out[positions]``, reading sorted contiguous runs."""
-        stack = self._stack(code)
+        descriptor, layout = self._descriptor(code), self._layouts[code]
         order = np.argsort(image_indices, kind="stable")
         sorted_indices = image_indices[order]
         run_starts = np.flatnonzero(np.diff(sorted_indices) != 1) + 1
         for run in np.split(np.arange(len(sorted_indices)), run_starts):
-            first = sorted_indices[run[0]]
-            out[positions[order[run]]] = stack[first:first + len(run)]
+            out[positions[order[run]]] = layout.read_run(descriptor, int(sorted_indices[run[0]]), len(run))
 
-    def _stack(self, code: int) -> np.ndarray:
-        """The memory-mapped stack ``code``, opening it (and closing the least recently used) as needed."""
+    def _descriptor(self, code: int) -> int:
+        """An open file descriptor of stack ``code`` (closing the least recently used beyond the limit)."""
         if code in self._open:
             self._open.move_to_end(code)
             return self._open[code]
-        stack = self._layouts[code].open()
-        self._open[code] = stack
+        self._open[code] = os.open(self._stacks[code], os.O_RDONLY)
         if len(self._open) > self._max_open_stacks:
-            self._open.popitem(last=False)
-        return stack
+            os.close(self._open.popitem(last=False)[1])
+        return self._open[code]
+
+    def close(self) -> None:
+        """Close the open stack files (reading again reopens them)."""
+        open_files = getattr(self, "_open", {})  # absent when __init__ failed early
+        while open_files:
+            os.close(open_files.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
 
     def _check_finite(self, images: np.ndarray, rows: np.ndarray) -> None:
         """InputError naming the particles whose images hold NaN or infinite pixels."""
@@ -209,5 +217,5 @@ class ImageSource:
             yield batch, self[batch]
 
     def __getstate__(self) -> dict:
-        """Pickle without the open memory maps (worker processes reopen stacks as needed)."""
+        """Pickle without the open files (worker processes reopen stacks as needed)."""
         return {**self.__dict__, "_open": OrderedDict()}
