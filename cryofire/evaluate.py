@@ -86,11 +86,16 @@ def align_poses(pred: np.ndarray, true: np.ndarray) -> PoseAlignment:
 
 
 def pose_metrics(pred_table: pd.DataFrame, true_table: pd.DataFrame) -> dict:
-    """Rotation (degrees, after alignment) and shift (pixels) errors of matching rows."""
+    """Rotation (degrees, after alignment) and shift (pixels of the true table) errors of matching rows."""
     pred, true = poses_from_table(pred_table), poses_from_table(true_table)
     alignment = align_poses(pred, true)
     errors = rotation_errors_deg(alignment.apply(pred), true)
-    shift_errors = np.linalg.norm(shifts_px_from_table(pred_table) - shifts_px_from_table(true_table), axis=1)
+    # Compared in Å, reported in pixels of the true dataset: the two tables may differ in pixel size
+    # (predictions on a downsampled stack against the full-size truth).
+    columns = ["rlnOriginXAngst", "rlnOriginYAngst"]
+    shift_errors_angstrom = np.linalg.norm(
+        pred_table[columns].to_numpy(np.float64) - true_table[columns].to_numpy(np.float64), axis=1)
+    shift_errors = shift_errors_angstrom / true_table["rlnImagePixelSize"].to_numpy(np.float64)
     return {
         "rotation_error_median_deg": float(np.median(errors)),
         "rotation_error_mean_deg": float(np.mean(errors)),

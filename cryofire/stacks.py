@@ -62,6 +62,8 @@ def write_stacks(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Compare as stored: JSON turns tuples into lists, so an unnormalised fingerprint would never match.
+    fingerprint = json.loads(json.dumps(fingerprint))
     manifest_path = out_dir / f"{prefix}_{MANIFEST_NAME}"
     manifest = _load_manifest(manifest_path, fingerprint)
     paths = np.empty(n_images, dtype=object)

@@ -94,9 +94,10 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
-    """config.yaml of a run: the options, the derived model configuration, versions and the command line."""
+def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig, data: dict) -> None:
+    """config.yaml of a run: the data, the options, the derived model configuration, versions, command line."""
     payload = {
+        "data": data,
         "train": config.to_dict(),
         "model": model_config.to_dict(),
         "command": sys.argv,

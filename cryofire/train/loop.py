@@ -80,7 +80,12 @@ class Trainer:
                                           weight_decay=config.weight_decay)
         self.epoch, self.images_seen, self.bad_steps = 0, 0, 0
         self.log_path = self.run_dir / "log.jsonl"
-        write_run_config(self.run_dir, config, model_config)
+        self.data_info = {
+            "particles": str(Path(particles).resolve()), "n_images": len(self.table),
+            "n_train": len(train_rows), "n_val": len(self.val_rows), "box_size": self.train_set.image_size,
+            "pixel_size_angstrom": float(self.table["rlnImagePixelSize"].iloc[0]),
+        }
+        write_run_config(self.run_dir, config, model_config, self.data_info)
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -184,7 +189,7 @@ class Trainer:
         predictions = predict_dataset(self.model, everything, self.images_seen, self.device, self.config)
         save_predictions(self.run_dir, self.table, predictions)
         weights = {"model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
-                   "train_config": self.config.to_dict(), "images_seen": self.images_seen}
+                   "train_config": self.config.to_dict(), "images_seen": self.images_seen, "data": self.data_info}
         save_checkpoint(self.run_dir / "weights.pt", weights)
 
 
