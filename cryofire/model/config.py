@@ -52,6 +52,9 @@ class ModelConfig:
         marching_fraction: fraction of ``planned_images`` over which the radius grows.
         pose_only_fraction: fraction of ``planned_images`` with random latents for the decoder.
         pose_only_z_std: standard deviation of those random latents.
+        pose_target_weight: weight of the encoder's pose-regression loss while a pose search
+            teaches it (chordal distance of rotations plus squared shift error in units of the
+            shift bound), against the data loss.
     """
 
     box_size: int
@@ -78,6 +81,7 @@ class ModelConfig:
     marching_fraction: float = 0.5
     pose_only_fraction: float = 0.25
     pose_only_z_std: float = 1.0
+    pose_target_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 16 <= self.box_size <= 512:

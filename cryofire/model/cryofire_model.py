@@ -166,6 +166,8 @@ class CryoFireModel(nn.Module):
         images_seen: int,
         given_rotations: torch.Tensor | None = None,
         given_shifts_px: torch.Tensor | None = None,
+        target_rotations: torch.Tensor | None = None,
+        target_shifts_px: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One step's loss and the winning pose of each image.
 
@@ -175,6 +177,10 @@ class CryoFireModel(nn.Module):
             images_seen: images seen before this batch (drives the schedule).
             given_rotations: (B, 3, 3) RELION matrices ('fixed' and 'refine').
             given_shifts_px: (B, 2) re-centring shifts in px ('fixed' and 'refine').
+            target_rotations: (B, 3, 3) poses found by a pose search ('abinit' only): the decoder
+                is fitted at these poses and the encoder learns to predict them
+                (:mod:`cryofire.model.pose_search`).
+            target_shifts_px: (B, 2) shifts found by the pose search.
 
         Returns:
             dict with ``loss`` (scalar to minimise), ``data_loss``, ``kl`` (scalars),
@@ -185,6 +191,10 @@ class CryoFireModel(nn.Module):
         """
         windowed = images * self.window
         hyp = self._encode_windowed(windowed, given_rotations, given_shifts_px)
+        pose_loss = None
+        if target_rotations is not None:
+            pose_loss = self._pose_target_loss(hyp, target_rotations, target_shifts_px)
+            hyp = self._teacher_hypotheses(hyp, pose_loss, target_rotations, target_shifts_px)
         radius_px = frequency_radius_px(images_seen, self.config.box_size, self.schedule)
         count = self.lattice.count_within(radius_px)
         coords = self.lattice.coords[:count]
@@ -208,7 +218,37 @@ class CryoFireModel(nn.Module):
             out["z_logvar"] = _take(hyp.z_logvar, winner)
         out["kl"] = self._kl(out["z"], out.get("z_logvar"), images_seen)
         out["loss"] = out["data_loss"] + self.config.kl_weight * out["kl"]
+        if pose_loss is not None:
+            out["pose_loss"] = pose_loss.min(dim=1).values.mean()
+            out["loss"] = out["loss"] + self.config.pose_target_weight * out["pose_loss"]
         return out
+
+    def _pose_target_loss(
+        self, hyp: Hypotheses, target_rotations: torch.Tensor, target_shifts_px: torch.Tensor
+    ) -> torch.Tensor:
+        """Distance of every hypothesis to the target pose (B, P): squared chordal distance of the
+        rotations plus the squared shift error in units of the shift bound."""
+        rotation = (hyp.rotations - target_rotations[:, None].float()).square().sum((-2, -1))
+        bound = max(self.config.max_shift_fraction * self.config.box_size, 1.0)
+        shift = ((hyp.shifts_px - target_shifts_px[:, None].float()) / bound).square().sum(-1)
+        return rotation + shift
+
+    @staticmethod
+    def _teacher_hypotheses(
+        hyp: Hypotheses, pose_loss: torch.Tensor, target_rotations: torch.Tensor,
+        target_shifts_px: torch.Tensor,
+    ) -> Hypotheses:
+        """One hypothesis per image at the target pose, with the latent of the encoder path
+        nearest to it (the decoder is fitted at the searched pose)."""
+        nearest = pose_loss.detach().argmin(dim=1)
+        z_logvar = None if hyp.z_logvar is None else _take(hyp.z_logvar, nearest)[:, None]
+        return Hypotheses(
+            rotations=target_rotations[:, None].float(),
+            shifts_px=target_shifts_px[:, None].float(),
+            z_mean=_take(hyp.z_mean, nearest)[:, None],
+            z_logvar=z_logvar,
+            mirrored=torch.zeros(1, dtype=torch.bool, device=target_rotations.device),
+        )
 
     def _kl(
         self, z_mean: torch.Tensor, z_logvar: torch.Tensor | None, images_seen: int

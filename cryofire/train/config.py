@@ -37,6 +37,11 @@ class TrainConfig:
         mixed_precision: bf16 autocast on CUDA (ignored on the CPU).
         grad_clip: clip the gradient norm to this value (0 = off).
         log_every_steps: steps between lines of log.jsonl.
+        search_fraction: ab initio only: fraction of the planned images during which a global pose search
+            against the current map teaches the encoder (0 = pure amortized training, as in cryoFIRE).
+        search_every_images: images between two pose searches (0 = twice per epoch).
+        search_rotations: random rotations scored per search.
+        search_max_radius_px: highest frequency radius (lattice px) used by the search.
         datadir: folder the image paths are relative to (default: the particle file's folder).
         allow_absolute_paths: allow image paths outside the data folder.
         model: ModelConfig options overriding its defaults.
@@ -54,6 +59,10 @@ class TrainConfig:
     mixed_precision: bool = True
     grad_clip: float = 0.0
     log_every_steps: int = 50
+    search_fraction: float = 0.3
+    search_every_images: int = 0
+    search_rotations: int = 8192
+    search_max_radius_px: float = 8.0
     datadir: str | None = None
     allow_absolute_paths: bool = False
     model: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +72,9 @@ class TrainConfig:
             "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "learning_rate": self.learning_rate > 0,
             "poses": self.poses in POSE_MODES, "val_fraction": 0.0 <= self.val_fraction <= 0.5,
             "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
-            "log_every_steps": self.log_every_steps >= 1,
+            "log_every_steps": self.log_every_steps >= 1, "search_fraction": 0.0 <= self.search_fraction <= 1.0,
+            "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
+            "search_max_radius_px": self.search_max_radius_px >= 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -27,7 +27,8 @@ from cryofire.model import CryoFireModel, ModelConfig
 from cryofire.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire.train.config import TrainConfig, write_run_config
 from cryofire.train.data import ParticleImages, ctf_from_parameters, has_poses, make_loader
-from cryofire.train.predict import predict_dataset, save_predictions, rotation_error_summary
+from cryofire.train.predict import predict_dataset, rotation_error_summary, save_predictions
+from cryofire.train.teacher import PoseTeacher, target_rotation_error
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before training stops
@@ -41,9 +42,10 @@ def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 def training_step(
-    model: CryoFireModel, batch: dict, images_seen: int, device: torch.device, config: TrainConfig
+    model: CryoFireModel, batch: dict, images_seen: int, device: torch.device, config: TrainConfig,
+    targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Forward pass of one batch (under bf16 autocast on CUDA when asked)."""
+    """Forward pass of one batch (under bf16 autocast on CUDA when asked); `targets` are pose-search targets."""
     images = batch["images"].to(device, non_blocking=True)
     ctf = ctf_from_parameters(batch["ctf_parameters"].to(device), images.shape[-1])
     given = {}
@@ -51,7 +53,7 @@ def training_step(
         given = {"given_rotations": batch["rotations"].to(device), "given_shifts_px": batch["origins_px"].to(device)}
     use_bf16 = config.mixed_precision and device.type == "cuda"
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        return model(images, ctf, images_seen, **given)
+        return model(images, ctf, images_seen, **given, **(targets or {}))
 
 
 class Trainer:
@@ -79,6 +81,11 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
         self.epoch, self.images_seen, self.bad_steps = 0, 0, 0
+        self.teacher = None
+        if config.poses == "abinit" and config.search_fraction > 0:
+            self.teacher = PoseTeacher(len(self.table), model_config.planned_images, config.search_fraction,
+                                       config.search_every_images or max(len(train_rows) // 2, 1),
+                                       config.search_rotations, config.search_max_radius_px, config.seed)
         self.log_path = self.run_dir / "log.jsonl"
         self.data_info = {
             "particles": str(Path(particles).resolve()), "n_images": len(self.table),
@@ -93,6 +100,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
             "epoch": self.epoch, "images_seen": self.images_seen, "rng": torch.get_rng_state(),
+            "teacher": self.teacher.state() if self.teacher else {},
         }
 
     def resume(self) -> bool:
@@ -105,6 +113,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.images_seen = state["epoch"], state["images_seen"]
         torch.set_rng_state(state["rng"].cpu())
+        if self.teacher:
+            self.teacher.load_state(state["teacher"])
         return True
 
     # --- the loop ---------------------------------------------------------------------------------------------------
@@ -139,7 +149,8 @@ class Trainer:
 
     def step(self, batch: dict) -> float | None:
         """One optimisation step; a non-finite loss skips the update (and is logged)."""
-        out = training_step(self.model, batch, self.images_seen, self.device, self.config)
+        targets = self.search_targets(batch)
+        out = training_step(self.model, batch, self.images_seen, self.device, self.config, targets)
         self.images_seen += len(batch["index"])
         loss = out["loss"]
         if not torch.isfinite(loss):
@@ -156,6 +167,20 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return float(loss.detach())
+
+    def search_targets(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """Pose-search targets of the batch while the teacher is active (searching first when one is due)."""
+        if self.teacher is None or not self.teacher.active(self.images_seen):
+            return None
+        if self.teacher.due(self.images_seen):
+            record = self.teacher.search(self.model, self.train_set, self.images_seen, self.device,
+                                         4 * self.config.batch_size, self.config.num_workers)
+            if has_poses(self.table):
+                rows = self.train_set.rows[:: max(1, len(self.train_set) // 2000)]
+                record["target_rotation_error_median_deg"] = target_rotation_error(
+                    self.teacher, self.train_set.poses[0], rows)
+            self.log({"event": "search", "epoch": self.epoch, "images_seen": self.images_seen, **record})
+        return self.teacher.targets(batch["index"], self.device)
 
     def radius_px(self) -> float:
         from cryofire.model import frequency_radius_px
@@ -179,7 +204,7 @@ class Trainer:
         record["wall_time"] = time.time()
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if record["event"] == "epoch":
+        if record["event"] in ("epoch", "search"):
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                                 if k not in ("event", "wall_time")))
 

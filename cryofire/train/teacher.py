@@ -1,0 +1,84 @@
+"""The pose-search teacher of the first training phase (see :mod:`cryofire.model.pose_search`).
+
+Every `search_every_images` images, while fewer than `search_fraction` of the planned images have been seen, all
+training images are scored against the current consensus map; the best poses become the training targets until
+the next search. The targets are part of the checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from cryofire.model import CryoFireModel, frequency_radius_px
+from cryofire.model.image_formation import observed_spectrum
+from cryofire.model.pose_search import (
+    best_poses,
+    consensus_volume_ft,
+    projection_table,
+    search_rotations,
+    shift_grid,
+)
+from cryofire.train.data import ParticleImages, ctf_from_parameters, make_loader
+
+
+class PoseTeacher:
+    """Search schedule and the current target pose of every table row."""
+
+    def __init__(self, n_rows: int, planned_images: int, search_fraction: float, search_every_images: int,
+                 n_rotations: int, max_radius_px: float, seed: int) -> None:
+        self.end_images = int(search_fraction * planned_images)
+        self.every = max(search_every_images, 1)
+        self.n_rotations, self.max_radius_px, self.seed = n_rotations, max_radius_px, seed
+        self.rotations = torch.eye(3).repeat(n_rows, 1, 1)
+        self.shifts_px = torch.zeros(n_rows, 2)
+        self.round = -1
+
+    def active(self, images_seen: int) -> bool:
+        return images_seen < self.end_images
+
+    def due(self, images_seen: int) -> bool:
+        return self.active(images_seen) and images_seen // self.every != self.round
+
+    def targets(self, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"target_rotations": self.rotations[rows].to(device), "target_shifts_px": self.shifts_px[rows].to(device)}
+
+    @torch.no_grad()
+    def search(self, model: CryoFireModel, dataset: ParticleImages, images_seen: int, device: torch.device,
+               batch_size: int, num_workers: int) -> dict[str, float]:
+        """Score every image of `dataset` against the current map; update the targets of its rows."""
+        started = time.time()
+        self.round = images_seen // self.every
+        radius_px = min(frequency_radius_px(images_seen, model.config.box_size, model.schedule), self.max_radius_px)
+        count = model.lattice.count_within(radius_px)
+        coords = model.lattice.coords[:count]
+        volume_ft = consensus_volume_ft(model.decoder, model.config.zdim, radius_px)
+        rotations = search_rotations(self.n_rotations, self.seed * 1_000_003 + self.round, device)
+        projections = projection_table(volume_ft, rotations, model.lattice, count)
+        shifts = shift_grid(model.config.max_shift_fraction * model.config.box_size).to(device)
+        loader = make_loader(dataset, batch_size, False, self.seed, 0, num_workers, device.type == "cuda")
+        for batch in loader:
+            images = batch["images"].to(device) * model.window
+            observed = observed_spectrum(images, model.lattice, count)
+            ctf = model.lattice.gather(ctf_from_parameters(batch["ctf_parameters"].to(device), images.shape[-1]), count)
+            index, shift, _ = best_poses(observed, ctf, coords, projections, shifts)
+            self.rotations[batch["index"]] = rotations[index].cpu()
+            self.shifts_px[batch["index"]] = shift.cpu()
+        return {"search_seconds": time.time() - started, "search_radius_px": radius_px}
+
+    def state(self) -> dict:
+        return {"rotations": self.rotations, "shifts_px": self.shifts_px, "round": self.round}
+
+    def load_state(self, state: dict) -> None:
+        self.rotations, self.shifts_px, self.round = state["rotations"], state["shifts_px"], int(state["round"])
+
+
+def target_rotation_error(teacher: PoseTeacher, true_rotations: torch.Tensor, rows: np.ndarray) -> float:
+    """Median rotation error (deg, after alignment) of the current search targets: a diagnostic on simulated data."""
+    from cryofire.evaluate import align_poses, rotation_errors_deg
+
+    pred = teacher.rotations[rows].double().numpy()
+    truth = true_rotations[rows].double().numpy()
+    return float(np.median(rotation_errors_deg(align_poses(pred, truth).apply(pred), truth)))
