@@ -205,6 +205,82 @@ def _infer(args: argparse.Namespace) -> None:
                 allow_absolute_paths=args.allow_absolute_paths, batch_size=args.batch_size, device=args.device))
 
 
+# --- analyze / volume -----------------------------------------------------------------------------------------------
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder of `cryofire train` (its latents.npy and poses.star are used)")
+    p.add_argument("-o", "--out", help="output folder (default: <run>/analysis)")
+    p.add_argument("--k", type=int, help="k-means clusters (default: the number of states the Gaussian mixture's "
+                   "BIC chooses)")
+    p.add_argument("--max-states", type=int, default=8, help="largest Gaussian mixture tried (default 8)")
+    p.add_argument("--max-embedding-points", type=int, default=20_000,
+                   help="t-SNE on at most this many particles, a seeded random subset (default 20000; "
+                        "UMAP, when installed, embeds all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+@command("analyze", "latent space of a run: PCA, 2D embedding, k-means, Gaussian mixture (BIC), per-cluster "
+                    "star files")(_analyze_args)
+def _analyze(args: argparse.Namespace) -> None:
+    from cryofire.analysis import analyze_run
+
+    print(analyze_run(args.run, args.out, k=args.k, max_states=args.max_states, seed=args.seed,
+                      max_embedding_points=args.max_embedding_points))
+
+
+def _volume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder of `cryofire train` (its weights.pt is used)")
+    p.add_argument("-o", "--out", required=True, help="output folder (.mrc files and volumes.json)")
+    p.add_argument("--z", type=float, nargs="+", action="append", default=[], metavar="Z",
+                   help="a latent to render, zdim values (repeat --z for several)")
+    p.add_argument("--clusters", action="store_true",
+                   help="render the particle nearest each k-means centre (centers.npy of `cryofire analyze`)")
+    p.add_argument("--pc", type=int, help="render a series along this principal component (1-based)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="volumes along --pc, 5th to 95th percentile of the particles (default 10)")
+    p.add_argument("--analysis", help="folder of `cryofire analyze` (default: <run>/analysis)")
+    p.add_argument("--box", type=int, help="output box S in px, even (default: the training box D); voxel size = "
+                   "training pixel size x D / S; frequencies beyond the training Nyquist are zero, so a larger "
+                   "box adds no detail")
+    p.add_argument("--flip-hand", action="store_true", help="mirror the volumes along z (invert the handedness)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
+
+
+@command("volume", "render volumes from a trained decoder: given latents, cluster centres, a PC "
+                   "trajectory")(_volume_args)
+def _volume(args: argparse.Namespace) -> None:
+    from cryofire.analysis.volumes import VolumeRequest, write_volumes
+
+    request = VolumeRequest(latents=args.z, clusters=args.clusters, pc=args.pc, steps=args.steps,
+                            box_size=args.box, flip_hand=args.flip_hand)
+    print(write_volumes(args.run, args.out, request, analysis_dir=args.analysis, device=args.device))
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder of `cryofire train` (config.yaml, log.jsonl, poses.star, latents.npy)")
+    p.add_argument("-o", "--out", required=True,
+                   help="report page (.html); a ChimeraX script of the same name (.cxc) is written beside it")
+    p.add_argument("--analysis", help="folder of `cryofire analyze` (default: <run>/analysis)")
+    p.add_argument("--volumes", nargs="+", default=[], metavar="DIR",
+                   help="output folders of `cryofire volume` (default: <run>/volumes and its subfolders holding a "
+                        "volumes.json)")
+    p.add_argument("--metrics", nargs="+", default=[], metavar="JSON",
+                   help="metrics files of `cryofire evaluate` to show (simulated data)")
+    p.add_argument("--preprocess-star",
+                   help="the particle file given to `cryofire preprocess` (default: the one its stacks record)")
+    p.add_argument("--title", help="page title (default: from the run folder's name)")
+
+
+@command("report", "one self-contained HTML report of a run, and a ChimeraX script for its volumes")(_report_args)
+def _report(args: argparse.Namespace) -> None:
+    from cryofire.report import write_report
+
+    page, script = write_report(args.run, args.out, analysis_dir=args.analysis, volume_dirs=args.volumes,
+                                metrics=args.metrics, preprocess_star=args.preprocess_star, title=args.title)
+    print(page)
+    print(script)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cryofire", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cryofire {__version__}")
