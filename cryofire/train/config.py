@@ -59,7 +59,7 @@ class TrainConfig:
     mixed_precision: bool = True
     grad_clip: float = 0.0
     log_every_steps: int = 50
-    search_fraction: float = 0.3
+    search_fraction: float = 0.0
     search_every_images: int = 0
     search_rotations: int = 8192
     search_max_radius_px: float = 8.0
