@@ -3,9 +3,9 @@
 Why: an amortized encoder trained only through the image loss must find every image's pose by gradient descent from
 a random start, and in the budget of a few hundred thousand images it often settles in a local minimum (the
 official cryoFIRE code did not converge here in 170k images; see docs/method.md). So, when asked
-(``--search-fraction`` > 0; experimental, off by default), during the first part of training the trainer periodically scores every training image against
-projections of the current consensus map (z = 0) at a few thousand random rotations and a grid of shifts, at the
-current (low) frequency radius, and the best pose becomes (a) the pose the decoder is trained with and (b) the
+(``--search-fraction`` > 0; experimental, off by default), during the first part of training the trainer
+periodically scores every training image against projections of the current consensus map (z = 0) at a few
+thousand random rotations and a grid of shifts, at the current (low) frequency radius, and the best pose becomes (a) the pose the decoder is trained with and (b) the
 target the encoder learns to predict. After that phase the encoder is on its own: poses come from it alone, as in
 cryoFIRE, and `cryofire infer` needs no search.
 

@@ -18,7 +18,7 @@ def atom_sigma_px(pixel_size_angstrom: float, atom_sigma_angstrom: float | None 
     return sigma_angstrom / pixel_size_angstrom
 
 
-# Beyond 6 sigma a Gaussian is below 1.5e-8 of its peak (under float32 resolution): profiles are evaluated only there.
+# Beyond 6 sigma a Gaussian is below 1.5e-8 of its peak (under float32 resolution): profiles are computed within it.
 _TRUNCATION_SIGMAS = 6.0
 
 
