@@ -80,3 +80,10 @@ def test_batched_parameters_and_per_image_pixel_size():
         params_i = {k: (v[i] if torch.is_tensor(v) else v) for k, v in params.items()}
         one = compute_ctf(freqs / pixel_size[i], **params_i)
         assert torch.allclose(ctf[i], one, atol=1e-6)
+
+
+def test_wavelength_is_right_in_float32():
+    """The SI formula underflows in float32 (squared momentum ~1e-44); the result must not depend on precision."""
+    wavelength32 = electron_wavelength_angstrom(torch.tensor(300.0, dtype=torch.float32))
+    assert wavelength32.dtype == torch.float32
+    assert abs(float(wavelength32) - 0.019687) < 2e-6

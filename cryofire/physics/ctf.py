@@ -23,16 +23,18 @@ _MM_TO_ANGSTROM = 1e7
 Parameter = torch.Tensor | float
 
 
+_HC_EV_ANGSTROM = _PLANCK_J_S * _LIGHT_SPEED_M_S / _ELEMENTARY_CHARGE_C * 1e10  # 12398.42 eV Å
+_REST_ENERGY_EV = _ELECTRON_MASS_KG * _LIGHT_SPEED_M_S**2 / _ELEMENTARY_CHARGE_C  # 510998.95 eV
+
+
 def electron_wavelength_angstrom(voltage_kv: Parameter) -> Parameter:
     """Relativistic electron wavelength in Å for an acceleration voltage in kV.
 
-    0.01969 Å at 300 kV; works elementwise on tensors.
+    0.01969 Å at 300 kV; works elementwise on tensors. Computed in electronvolts, ``hc / sqrt(E (E + 2 m c^2))``,
+    so that float32 tensors stay in range (in SI units the squared momentum, ~1e-44, is subnormal in float32).
     """
-    voltage_v = voltage_kv * 1e3
-    energy_j = _ELEMENTARY_CHARGE_C * voltage_v
-    rest_energy_j = _ELECTRON_MASS_KG * _LIGHT_SPEED_M_S**2
-    momentum_sq = 2 * _ELECTRON_MASS_KG * energy_j * (1 + energy_j / (2 * rest_energy_j))
-    return _PLANCK_J_S / momentum_sq**0.5 * 1e10
+    energy_ev = voltage_kv * 1e3
+    return _HC_EV_ANGSTROM / (energy_ev * (energy_ev + 2 * _REST_ENERGY_EV)) ** 0.5
 
 
 def _per_image(value: Parameter, like: torch.Tensor) -> torch.Tensor:
