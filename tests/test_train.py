@@ -92,3 +92,12 @@ def test_existing_run_needs_resume_flag(particles, tmp_path):
 
     with pytest.raises(CryofireError, match="--resume"):
         train(particles, tmp_path / "run", small_config(epochs=1))
+
+
+def test_resume_with_other_options_is_refused(particles, tmp_path):
+    from cryofire.errors import CryofireError
+
+    partial = Trainer(particles, tmp_path / "run", small_config(epochs=1))
+    partial.fit()
+    with pytest.raises(CryofireError, match="learning_rate"):
+        train(particles, tmp_path / "run", small_config(epochs=2, learning_rate=5e-4), resume=True)

@@ -92,7 +92,7 @@ class Trainer:
             "n_train": len(train_rows), "n_val": len(self.val_rows), "box_size": self.train_set.image_size,
             "pixel_size_angstrom": float(self.table["rlnImagePixelSize"].iloc[0]),
         }
-        write_run_config(self.run_dir, config, model_config, self.data_info)
+
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -109,6 +109,7 @@ class Trainer:
         if not path.exists():
             return False
         state = load_checkpoint(path, map_location=self.device)
+        self.check_same_run(state, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.images_seen = state["epoch"], state["images_seen"]
@@ -116,6 +117,19 @@ class Trainer:
         if self.teacher:
             self.teacher.load_state(state["teacher"])
         return True
+
+    def check_same_run(self, state: dict, path: Path) -> None:
+        """Refuse to resume a checkpoint made with other options (all but epochs, device, workers, logging)."""
+        free = {"epochs", "device", "num_workers", "log_every_steps"}
+        saved = {k: v for k, v in state["train_config"].items() if k not in free}
+        wanted = {k: v for k, v in self.config.to_dict().items() if k not in free}
+        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        saved_model = {k: v for k, v in state["model_config"].items() if k != "planned_images"}
+        wanted_model = {k: v for k, v in self.model.config.to_dict().items() if k != "planned_images"}
+        changed += sorted(f"model.{k}" for k in wanted_model if saved_model.get(k) != wanted_model[k])
+        if changed:
+            raise CryofireError(f"{path}: cannot resume, the run was started with other options "
+                                f"({', '.join(changed)}); use another -o, or delete the run folder to start afresh")
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -225,6 +239,7 @@ def train(particles: str | Path, run_dir: str | Path, config: TrainConfig, resum
         tqdm.write(f"resumed at epoch {trainer.epoch} ({trainer.images_seen} images seen)")
     elif not resume and (trainer.run_dir / CHECKPOINT_NAME).exists():
         raise CryofireError(f"{trainer.run_dir} holds a checkpoint: use --resume to continue it, or another -o")
+    write_run_config(trainer.run_dir, config, trainer.model.config, trainer.data_info)
     trainer.fit()
     trainer.finish()
     return trainer.run_dir
