@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cryofire.errors import InputError
 from cryofire.evaluate import fsc_metrics
@@ -68,3 +69,28 @@ def test_star_file_without_poses_is_an_input_error(clean_star, tmp_path):
         backproject_dataset(star, tmp_path / "map.mrc", device="cpu")
     assert error.value.path == str(star)
     assert not (tmp_path / "map.mrc").exists()
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_fast_inserter_gives_the_same_sums_as_the_reference_backprojector(size):
+    """FastInserter (Friedel half plane, padded accumulator, scatter_add) == physics.Backprojector.insert."""
+    from cryofire import physics
+    from cryofire.reconstruct import FastInserter
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(6, size, size, generator=generator, dtype=torch.float64)
+    rotations = torch.cat((torch.eye(3, dtype=torch.float64)[None],
+                           physics.random_rotations(5, generator=generator, dtype=torch.float64)))
+    reference = physics.Backprojector(size, dtype=torch.float64)
+    fast = physics.Backprojector(size, dtype=torch.float64)
+    ctf = physics.ctf_for_images(reference.padded_size, torch.full((6,), 3.0, dtype=torch.float64),
+                                 dtype=torch.float64, defocus_u_angstrom=torch.linspace(8e3, 2e4, 6, dtype=torch.float64),
+                                 defocus_v_angstrom=torch.linspace(7e3, 1.9e4, 6, dtype=torch.float64),
+                                 defocus_angle_deg=20.0, voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1)
+    reference.insert(images, rotations, ctf)
+    inserter = FastInserter(fast)
+    inserter.insert(images[:3], rotations[:3], ctf[:3])  # in two batches, as a data set is read
+    inserter.insert(images[3:], rotations[3:], ctf[3:])
+    inserter.flush()
+    assert torch.allclose(fast.weight_sum, reference.weight_sum, atol=1e-9)
+    assert torch.allclose(fast.volume_sum, reference.volume_sum, atol=1e-9)
