@@ -147,6 +147,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred-labels", help=".npy of predicted classes, one per particle")
     p.add_argument("--volume", help="reconstructed .mrc to compare with --true-volume by FSC")
     p.add_argument("--true-volume", help="reference .mrc, same box and frame")
+    p.add_argument("--volumes-json", help="volumes.json of `cryofire volume --clusters`: FSC of each cluster map "
+                   "against the true state it matches (needs --pred-labels and --truth-json)")
+    p.add_argument("--truth-json", help="truth.json of `cryofire simulate` (names the true state maps)")
     p.add_argument("-o", "--out", required=True, help="metrics JSON")
 
 
@@ -157,6 +160,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate_files(
         true_star=args.true_star, pred_star=args.pred_star, true_labels=args.true_labels,
         pred_labels=args.pred_labels, volume=args.volume, true_volume=args.true_volume,
+        volumes_json=args.volumes_json, truth_json=args.truth_json,
     )
     _write_json(args.out, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=1))

@@ -7,6 +7,7 @@ measured after the best global alignment, trying both hands: predicted poses `P_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,10 +138,39 @@ def confusion(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
     matched = counts[rows, cols].sum()
     return {
         "confusion_rate": float(1.0 - matched / len(true_labels)),
+        "matching": [[pred_ids[r].item(), true_ids[c].item()] for r, c in zip(rows, cols)],
         "matrix": counts.tolist(),
         "predicted_classes": pred_ids.tolist(),
         "true_classes": true_ids.tolist(),
     }
+
+
+def same_frame(pose: dict, tolerance_deg: float = 2.0) -> bool:
+    """True when the predicted poses need no global rotation or hand flip to match the truth (e.g. fixed poses)."""
+    angle = rotation_errors_deg(np.asarray(pose["global_rotation"])[None], np.eye(3)[None])[0]
+    return not pose["mirrored_hand"] and angle <= tolerance_deg
+
+
+def state_fsc_metrics(volumes_json: str, truth_json: str, matching: list[list[int]]) -> list[dict]:
+    """FSC of each cluster map (`cryofire volume --clusters`, volumes.json) against the true state it matches.
+
+    `matching` pairs predicted cluster ids with true classes (1-based, as rlnClassNumber), from :func:`confusion`.
+    """
+    from pathlib import Path
+
+    from cryofire.io import read_volume
+
+    volumes_index, truth = json.loads(Path(volumes_json).read_text()), json.loads(Path(truth_json).read_text())
+    clusters = {v["cluster"]: v["file"] for v in volumes_index["volumes"] if v["kind"] == "cluster"}
+    results = []
+    for cluster, true_class in matching:
+        if cluster not in clusters or not 1 <= true_class <= len(truth["volumes"]):
+            continue
+        predicted, pixel_size = read_volume(Path(volumes_json).parent / clusters[cluster])
+        reference, _ = read_volume(Path(truth_json).parent / "volumes" / truth["volumes"][true_class - 1])
+        fsc = fsc_metrics(*common_box(predicted, reference), pixel_size)
+        results.append({"cluster": cluster, "true_class": true_class, **fsc})
+    return results
 
 
 def evaluate_files(
@@ -150,6 +180,8 @@ def evaluate_files(
     pred_labels: str | None = None,
     volume: str | None = None,
     true_volume: str | None = None,
+    volumes_json: str | None = None,
+    truth_json: str | None = None,
 ) -> dict:
     """All metrics the given files allow (poses, classes, FSC), as one JSON-able dict."""
     from cryofire.io import read_star, read_volume
@@ -171,6 +203,12 @@ def evaluate_files(
         reference, _ = read_volume(true_volume)
         metrics["fsc"] = fsc_metrics(*common_box(predicted, reference), pixel_size)
         metrics["resolution_fsc0.5_angstrom"] = metrics["fsc"]["resolution_fsc0.5_angstrom"]
+    if volumes_json and truth_json and "classes" in metrics:
+        if "global_rotation" in metrics and not same_frame(metrics):
+            metrics["state_fsc_note"] = ("not computed: the predicted poses differ from the truth by a global rotation "
+                                         "or hand, and maps are not yet re-aligned before the FSC")
+        else:
+            metrics["state_fsc"] = state_fsc_metrics(volumes_json, truth_json, metrics["classes"]["matching"])
     if not metrics:
         raise ConfigError("nothing to evaluate: give --true-star with --pred-star, --pred-labels, or two volumes")
     return metrics

@@ -160,3 +160,30 @@ def test_common_box_crops_the_larger_map_to_the_smaller_box():
     np.testing.assert_allclose(untouched_2, small, atol=1e-12)
     same_a, same_b = common_box(large, large)
     assert same_a.shape == (32, 32, 32) and np.allclose(same_a, large, atol=1e-12)
+
+
+def test_state_fsc_pairs_each_cluster_map_with_its_matched_true_state(tmp_path):
+    """Cluster 0 holds the true state 2 and cluster 1 the true state 1: each map is compared with its own state."""
+    import json
+
+    from cryofire.evaluate import state_fsc_metrics
+    from cryofire.io import write_volume
+
+    rng = np.random.default_rng(0)
+    state_1, state_2 = rng.normal(size=(2, 16, 16, 16)).astype(np.float32)
+    (tmp_path / "volumes").mkdir()
+    write_volume(tmp_path / "volumes" / "state_1.mrc", state_1, 4.0)
+    write_volume(tmp_path / "volumes" / "state_2.mrc", state_2, 4.0)
+    (tmp_path / "truth.json").write_text(json.dumps({"volumes": ["state_1.mrc", "state_2.mrc"]}))
+    run = tmp_path / "run"
+    run.mkdir()
+    write_volume(run / "cluster_0.mrc", state_2, 4.0)
+    write_volume(run / "cluster_1.mrc", state_1, 4.0)
+    entries = [{"file": f"cluster_{i}.mrc", "kind": "cluster", "cluster": i} for i in (0, 1)]
+    (run / "volumes.json").write_text(json.dumps({"volumes": entries}))
+
+    matched = state_fsc_metrics(str(run / "volumes.json"), str(tmp_path / "truth.json"), [[0, 2], [1, 1]])
+    assert [(m["cluster"], m["true_class"]) for m in matched] == [(0, 2), (1, 1)]
+    assert all(min(m["fsc"]) > 0.999 for m in matched)
+    swapped = state_fsc_metrics(str(run / "volumes.json"), str(tmp_path / "truth.json"), [[0, 1], [1, 2]])
+    assert all(abs(np.mean(m["fsc"][1:])) < 0.2 for m in swapped)  # independent noise: FSC ~ 0

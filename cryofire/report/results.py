@@ -204,6 +204,20 @@ def _confusion(classes: dict) -> str:
     return "<p>Particles per (predicted, true) class:</p>" + table(rows, ("", *(esc(f"true {t}") for t in true)))
 
 
+def _state_fsc(states: list[dict], name: str, curves: list) -> str:
+    """Per-state FSC of the cluster maps against the true state maps: a table, and curves added to `curves`."""
+    rows = []
+    for state in states:
+        label = f"cluster {state['cluster']} vs true state {state['true_class']}"
+        rows.append((esc(label), number(state["resolution_fsc0.5_angstrom"], "Å", 4),
+                     number(state["resolution_fsc0.143_angstrom"], "Å", 4)))
+        curves.append((f"{name}: {label}", state["frequency_per_angstrom"], state["fsc"]))
+    if not rows:
+        return ""
+    return "<p>Cluster maps against the true state maps:</p>" + table(
+        rows, ("", "resolution at FSC = 0.5", "resolution at FSC = 0.143"))
+
+
 def metrics_section(inputs: ReportInputs) -> str:
     """Each metrics file as a table with units, its confusion matrix, and all FSC curves in one plot."""
     if not inputs.metrics:
@@ -216,6 +230,7 @@ def metrics_section(inputs: ReportInputs) -> str:
         fsc = metrics.get("fsc", {})
         if fsc.get("frequency_per_angstrom") and fsc.get("fsc"):
             curves.append((name, fsc["frequency_per_angstrom"], fsc["fsc"]))
+        html += _state_fsc(metrics.get("state_fsc", []), name, curves)
     if curves:
         html += figure(figures.png_data_uri(figures.fsc_curves(curves)), "FSC curves")
     if "metrics" in inputs.missing:

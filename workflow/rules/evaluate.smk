@@ -32,9 +32,11 @@ rule evaluate_backproject:
 rule evaluate_train:
     input:
         # The preprocessed particle file still holds the simulated poses and states (rlnClassNumber).
-        truth="results/{dataset}/preprocess/particles.star",
+        particles="results/{dataset}/preprocess/particles.star",
         poses="results/{dataset}/train/poses.star",
         labels="results/{dataset}/train/analysis/labels.npy",
+        volumes="results/{dataset}/train/volumes/volumes.json",
+        truth="results/{dataset}/simulate/truth.json",
     output:
         metrics=report(
             "results/{dataset}/evaluate/train_metrics.json",
@@ -53,5 +55,5 @@ rule evaluate_train:
         mem_mb=4000,
         runtime=10,
     shell:
-        "cryofire evaluate --true-star {input.truth} --pred-star {input.poses} --pred-labels {input.labels} "
-        "-o {output.metrics} > {log} 2>&1"
+        "cryofire evaluate --true-star {input.particles} --pred-star {input.poses} --pred-labels {input.labels} "
+        "--volumes-json {input.volumes} --truth-json {input.truth} -o {output.metrics} > {log} 2>&1"
