@@ -119,14 +119,16 @@ def check_output(sim_star: Path, prep_star: Path, out_box: int, n_checked: int, 
 
 
 _OLD_PATH = (
-    "import sys, cryofire.preprocess as p, cryofire.physics as f; p.fourier_crop_real = f.downsample_images; "
+    "import sys, cryofire.physics as f; "
+    "f.downsample_images = lambda x, n: f.ifft2_centered(f.fourier_crop2(f.fft2_centered(x), n)).real"
+    " * (n / x.shape[-1]) ** 2; "
     "from cryofire.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
 def baseline(sim_star: Path, work: Path, n_images: int, out_box: int) -> dict:
     """Preprocess the first `n_images` with the current code and with the centred-FFT downsampling used before
-    (physics.downsample_images, monkeypatched in), one after the other under the same conditions."""
+    (the centred crop physics.downsample_images used then, monkeypatched in), one after the other under the same conditions."""
     from cryofire.io import read_star, write_star
 
     subset = sim_star.parent / f"first_{n_images}.star"  # beside the stacks: relative image paths

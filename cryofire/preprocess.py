@@ -52,25 +52,6 @@ class PreprocessConfig:
             raise ConfigError("--mask-radius must lie between 0.1 and 1.0 (fraction of half the box)")
 
 
-def fourier_crop_real(images: torch.Tensor, new_size: int) -> torch.Tensor:
-    """`physics.downsample_images` for real images of even size, from the half spectrum and without fftshifts.
-
-    Same result (to rounding) and conventions: the centred crop keeps frequencies -d/2 .. d/2 - 1 (d = new_size)
-    and takes the real part, which at the new Nyquist row and column averages the +-d/2 coefficients (the corner
-    keeps the real part of its one coefficient). On a chunk of (1000, 128, 128) float32 images it is about 10x
-    faster and needs a quarter of the memory (the centred version spends most of its time in fftshift copies).
-    """
-    size = images.shape[-1]
-    if size % 2 or new_size % 2 or new_size >= size:
-        return physics.downsample_images(images, new_size)
-    spectrum = torch.fft.rfft2(images)  # (..., D, D // 2 + 1), ky = 0 .. D/2, -D/2 + 1 .. -1; kx = 0 .. D/2
-    half = new_size // 2
-    kept = torch.cat((spectrum[..., :half, : half + 1], spectrum[..., size - half :, : half + 1]), dim=-2)
-    kept[..., half, :] = (spectrum[..., size - half, : half + 1] + spectrum[..., half, : half + 1]) / 2
-    kept[..., half, half] = spectrum[..., half, half]
-    return torch.fft.irfft2(kept, s=(new_size, new_size)) * (new_size / size) ** 2
-
-
 class ChunkTransform:
     """Downsample, invert and normalise a chunk of images (numpy (B, D, D) -> numpy (B, d, d))."""
 
@@ -87,7 +68,7 @@ class ChunkTransform:
     def resample(self, images: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         if self.output_size != tensor.shape[-1]:
-            tensor = fourier_crop_real(tensor, self.output_size)
+            tensor = physics.downsample_images(tensor, self.output_size)
         return -tensor if self.config.invert else tensor
 
     def __call__(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:

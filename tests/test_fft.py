@@ -119,3 +119,12 @@ def test_downsample_volume_matches_coarse_sampling_of_band_limited_volume():
 
     coarse = downsample_volume(sample(32), 16)
     assert torch.allclose(coarse, sample(16), atol=1e-10)
+
+
+@pytest.mark.parametrize("sizes", [(32, 16), (30, 12), (31, 15), (32, 32)])
+def test_downsample_images_equals_the_centred_fourier_crop_for_any_image(sizes):
+    """The half-spectrum fast path (even sizes) gives the centred crop's result, Nyquist averaging included."""
+    size, new_size = sizes
+    images = torch.randn(3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    centred = ifft2_centered(fourier_crop2(fft2_centered(images), new_size)).real * (new_size / size) ** 2
+    assert torch.allclose(downsample_images(images, new_size), centred, atol=1e-12)
