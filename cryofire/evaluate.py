@@ -29,12 +29,6 @@ def poses_from_table(table: pd.DataFrame) -> np.ndarray:
     return physics.euler_to_matrix(*angles).numpy()
 
 
-def shifts_px_from_table(table: pd.DataFrame) -> np.ndarray:
-    """RELION origins in pixels (N, 2)."""
-    origins = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
-    return origins / table["rlnImagePixelSize"].to_numpy(np.float64)[:, None]
-
-
 def rotation_errors_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Geodesic angle between matching rotations of (N, 3, 3) stacks, degrees."""
     trace = np.einsum("nij,nij->n", a, b)

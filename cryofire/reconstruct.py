@@ -24,8 +24,8 @@ POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
 
 
 def batch_physics(rows: pd.DataFrame, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Pose matrices (B, 3, 3) and origins in pixels (B, 2), float32, and CTF keyword arguments (float64 tensors:
-    compute the CTF in float64, as in float32 the electron wavelength underflows and is 0.5% off at 300 kV)."""
+    """Pose matrices (B, 3, 3) and origins in pixels (B, 2), float32, and CTF keyword arguments (float64 tensors,
+    so the CTF is computed in double precision)."""
     column = lambda name: torch.tensor(rows[name].to_numpy(np.float64), device=device, dtype=torch.float64)  # noqa: E731
     rotations = physics.euler_to_matrix(column("rlnAngleRot"), column("rlnAngleTilt"), column("rlnAnglePsi")).float()
     pixel_size = column("rlnImagePixelSize")
@@ -85,7 +85,7 @@ class FastInserter:
 
     def ctf_at_pixels(self, pixel_size_angstrom: torch.Tensor | float, **params) -> torch.Tensor:
         """CTF (B, M) at :attr:`pixels` of the padded lattice, for :meth:`insert`: about half the work of the
-        whole (B, P, P) lattice. Computed in float64 (the electron wavelength is inaccurate in float32).
+        whole (B, P, P) lattice. Computed in float64.
 
         Arguments as :func:`physics.ctf_for_images` (per-image tensors (B,) or scalars)."""
         size = self.backprojector.padded_size

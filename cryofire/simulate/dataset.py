@@ -160,7 +160,7 @@ class ImageModel:
         rotations = physics.euler_to_matrix(*(torch.tensor(rows[c].to_numpy()) for c in _ANGLES))
         shift_px = -torch.tensor(rows[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()) / self.config.pixel_size_angstrom
         projections = self._project(rows, rotations, shift_px)
-        # The CTF is computed in float64 (in float32 the electron wavelength underflows, 0.5% off at 300 kV).
+        # The CTF is computed in float64 (double precision at high frequencies and large defocus).
         ctf = physics.compute_ctf(
             self._half_spectrum_frequencies,
             defocus_u_angstrom=torch.tensor(rows["rlnDefocusU"].to_numpy()),
