@@ -75,7 +75,7 @@ def test_star_file_without_poses_is_an_input_error(clean_star, tmp_path):
 def test_fast_inserter_gives_the_same_sums_as_the_reference_backprojector(size):
     """FastInserter (Friedel half plane, padded accumulator, scatter_add) == physics.Backprojector.insert."""
     from cryofire import physics
-    from cryofire.reconstruct import FastInserter
+    from cryofire.physics import FastInserter
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(6, size, size, generator=generator, dtype=torch.float64)

@@ -9,6 +9,7 @@ from cryofire.physics.backprojection import (
     backproject_ft as backproject_ft,
     reconstruct_from_sums as reconstruct_from_sums,
 )
+from cryofire.physics.fast_insert import FastInserter as FastInserter
 from cryofire.physics.ctf import (
     compute_ctf as compute_ctf,
     ctf_for_images as ctf_for_images,
