@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cryofire import physics
 from cryofire.device import resolve_device
-from cryofire.errors import InputError
+from cryofire.errors import ConfigError, InputError
 from cryofire.evaluate import fsc_metrics
 from cryofire.io import ImageSource, read_particles, write_volume
 from cryofire.physics import FastInserter
@@ -56,6 +56,9 @@ def backproject_dataset(
     device: str = "auto",
 ) -> dict:
     """Reconstruct `out_path` (.mrc) from a star/cs file with poses; returns the half-map FSC metrics."""
+    for option, value in (("--batch-size", batch_size), ("--max-images", max_images)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be at least 1, not {value}")
     table = read_particles(particles_path, datadir=datadir, allow_absolute_paths=allow_absolute_paths)
     missing = [c for c in POSE_COLUMNS if c not in table.columns]
     if missing:

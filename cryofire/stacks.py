@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cryofire.diskspace import require_free_space
 from cryofire.io import StackWriter
 
 MANIFEST_NAME = "stacks.json"
@@ -28,7 +29,10 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
 
 def _load_manifest(path: Path, fingerprint: dict) -> dict:
     if path.exists():
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):  # damaged: write every stack again
+            manifest = {}
         if manifest.get("fingerprint") == fingerprint:
             return manifest
     return {"fingerprint": fingerprint, "done": []}
@@ -37,6 +41,15 @@ def _load_manifest(path: Path, fingerprint: dict) -> dict:
 def stack_layout(n_images: int, images_per_stack: int) -> list[tuple[int, int]]:
     """(start, stop) image ranges of each stack."""
     return [(start, min(start + images_per_stack, n_images)) for start in range(0, n_images, images_per_stack)]
+
+
+def _stack_path(out_dir: Path, prefix: str, number: int) -> Path:
+    return out_dir / f"{prefix}_{number:04d}.mrcs"
+
+
+def _is_done(path: Path, manifest: dict) -> bool:
+    """Whether an earlier run with the same fingerprint completed the stack at ``path``."""
+    return path.name in manifest["done"] and path.exists()
 
 
 def write_stacks(
@@ -69,12 +82,16 @@ def write_stacks(
     paths = np.empty(n_images, dtype=object)
     within = np.empty(n_images, dtype=np.int64)
     layout = stack_layout(n_images, images_per_stack)
+    to_write = [stop - start for number, (start, stop) in enumerate(layout)
+                if not _is_done(_stack_path(out_dir, prefix, number), manifest)]
+    require_free_space(out_dir, sum(StackWriter.file_bytes(count, image_size) for count in to_write),
+                       f"{len(to_write)} image stack(s) holding {sum(to_write)} images of {image_size}x{image_size} px")
     with tqdm(total=n_images, desc=description, unit="img", mininterval=2.0) as progress:
         for number, (start, stop) in enumerate(layout):
-            path = out_dir / f"{prefix}_{number:04d}.mrcs"
+            path = _stack_path(out_dir, prefix, number)
             paths[start:stop] = str(path)
             within[start:stop] = np.arange(stop - start)
-            if path.name in manifest["done"] and path.exists():
+            if _is_done(path, manifest):
                 progress.update(stop - start)
                 continue
             with StackWriter(path, image_size, pixel_size_angstrom) as writer:

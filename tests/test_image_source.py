@@ -99,14 +99,14 @@ def test_integer_stacks_become_float32_and_source_pickles_small(tmp_path):
 def test_missing_stack_names_stack_and_particle(tmp_path, fixtures_dir):
     with pytest.raises(InputError, match=r"image stack not found \(first used by particle 000004@") as error:
         ImageSource(_table([(fixtures_dir / "relion31.mrcs", 0), (tmp_path / "absent.mrcs", 3)]))
-    assert "absent.mrcs" in str(error.value) and "table row 1" in str(error.value)
+    assert "absent.mrcs" in str(error.value) and "particle file row 2" in str(error.value)
 
 
 def test_relion31_star_moved_away_from_its_stack(tmp_path, fixtures_dir):
     (tmp_path / "relion31.star").write_text((fixtures_dir / "relion31.star").read_text())
     table = read_star(tmp_path / "relion31.star")  # metadata alone reads fine
     with pytest.raises(InputError, match=r"relion31.mrcs: image stack not found \(first used by particle "
-                                         r"000001@relion31.mrcs \(table row 0\)\)"):
+                                         r"000001@relion31.mrcs \(particle file row 1\)\)"):
         ImageSource(table)
 
 

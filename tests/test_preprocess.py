@@ -14,7 +14,7 @@ import torch
 from cryofire import physics
 from cryofire.errors import ConfigError, InputError
 from cryofire.io import ImageSource, read_particles, stack_pixel_size
-from cryofire.preprocess import PreprocessConfig, preprocess
+from cryofire.preprocess import ChunkTransform, PreprocessConfig, preprocess
 from cryofire.simulate import SimulationConfig, simulate_dataset
 
 BOX, SMALL = 32, 16
@@ -152,3 +152,47 @@ def test_bad_options_are_config_errors(options, key):
 def test_upsampling_is_a_config_error(raw_star, tmp_path):
     with pytest.raises(ConfigError, match="--box 64"):
         preprocess(raw_star, tmp_path, PreprocessConfig(box_size=64))
+
+
+def test_constant_image_left_with_rounding_noise_by_the_fourier_crop_is_caught():
+    # 100 -> 64 px leaves a background std of ~1e-7 x the mean: dividing by it would amplify rounding noise
+    transform = ChunkTransform(PreprocessConfig(box_size=64), 100, "p.star")
+    images = np.full((3, 100, 100), 3.3, np.float32)
+    images[1] = np.random.default_rng(0).normal(size=(100, 100))
+    with pytest.raises(InputError, match=r"p.star: 2 image\(s\) have a constant background \(zero variance\), "
+                                         r"e.g. particle row\(s\) 8, 10"):
+        transform(images, np.array([7, 8, 9]))
+
+
+def _damaged_copy(raw_star: Path, folder: Path) -> Path:
+    """A copy of the raw dataset whose particle row 5 is constant and row 31 holds a NaN pixel."""
+    shutil.copytree(raw_star.parent, folder)
+    with mrcfile.open(folder / "stacks" / "particles_0000.mrcs", "r+") as stack:
+        stack.data[4] = 3.0
+    with mrcfile.open(folder / "stacks" / "particles_0001.mrcs", "r+") as stack:
+        stack.data[5, 2, 3] = np.nan
+    return folder / "particles.star"
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_skip_bad_images_leaves_out_nan_and_constant_images(raw_star, tmp_path, caplog):
+    star = _damaged_copy(raw_star, tmp_path / "raw")
+    with pytest.raises(InputError, match=r"1 NaN or infinite pixels in 1 image\(s\): particle 000006@.*--skip-bad"):
+        preprocess(star, tmp_path / "stopped", PreprocessConfig(box_size=SMALL))
+    assert not list((tmp_path / "stopped" / "stacks").glob("*.mrcs"))
+    with caplog.at_level("WARNING"):
+        table, images = _run(star, tmp_path / "out", box_size=SMALL, skip_bad_images=True)
+    assert f"{star}: leaving out 2 image(s) with NaN or infinite pixels or a constant background: particle row(s) " \
+           "5, 31" in caplog.text
+    kept = np.delete(np.arange(40), [4, 30])
+    np.testing.assert_array_equal(table["rlnDefocusU"], read_particles(star)["rlnDefocusU"].to_numpy()[kept])
+    assert images.shape == (38, SMALL, SMALL) and np.isfinite(images).all()
+
+
+def test_skip_bad_images_with_nothing_left(raw_star, tmp_path):
+    shutil.copytree(raw_star.parent, tmp_path / "raw")
+    for stack in (tmp_path / "raw" / "stacks").glob("*.mrcs"):
+        with mrcfile.open(stack, "r+") as mrc:
+            mrc.data[:] = 1.0
+    with pytest.raises(InputError, match="all 40 images have NaN or infinite pixels or a constant background"):
+        preprocess(tmp_path / "raw" / "particles.star", tmp_path / "out", PreprocessConfig(skip_bad_images=True))

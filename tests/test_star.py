@@ -159,7 +159,7 @@ def test_missing_column_is_named(fixtures_dir, tmp_path):
 
 def test_non_numeric_defocus_names_column_and_row(tmp_path):
     rows = [_relion30_row("1@s.mrcs"), _relion30_row("2@s.mrcs", defocus_u="12x00"), _relion30_row("3@s.mrcs")]
-    with pytest.raises(InputError, match=r"column rlnDefocusU: data_ row 2 holds '12x00', not a number"):
+    with pytest.raises(InputError, match=r"column rlnDefocusU: data_ row 2 holds '12x00', not a finite number"):
         read_star(_write_star(tmp_path / "p.star", {"": (PARTICLES_30, rows)}))
 
 

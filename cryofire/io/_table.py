@@ -25,6 +25,7 @@ REQUIRED_COLUMNS = ("rlnImageName", "image_path", "image_index", "rlnImageSize",
 NUMERIC_COLUMNS = (*CTF_COLUMNS, *ANGLE_COLUMNS, *ORIGIN_COLUMNS, "rlnImagePixelSize", "rlnImageSize",
                    "rlnOpticsGroup", "rlnOriginX", "rlnOriginY", "rlnMagnification",
                    "rlnDetectorPixelSize", "rlnPixelSize")
+_LARGEST_EXACT_INTEGER = 2.0**53  # float64 holds every integer up to this exactly
 DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnOpticsGroup": 1}
 
 _ABSOLUTE_PATH_HINT = ("if you trust this file, allow such paths with allow_absolute_paths=True "
@@ -43,20 +44,24 @@ def ensure_numeric(table: pd.DataFrame, path: str | Path, where: str) -> pd.Data
     """Convert the known numeric columns present in ``table`` to numbers.
 
     Raises InputError naming the column, the first bad row and its value when a value is not a
-    finite number (text, empty, NaN).
+    finite number (text, empty, NaN, infinite), or not a whole number in an integer column.
     """
     table = table.copy()
     for column in NUMERIC_COLUMNS:
         if column not in table.columns:
             continue
-        values = pd.to_numeric(table[column], errors="coerce")
-        bad = ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+        integer = column in INTEGER_COLUMNS
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if integer:
+            bad |= (values != np.round(values)) | (np.abs(values) > _LARGEST_EXACT_INTEGER)
         if bad.any():
             position = int(np.flatnonzero(bad)[0])
-            raise InputError(path, f"column {column}: {where} row {position + 1} holds "
-                             f"{table[column].iloc[position]!r}, not a number "
-                             f"({int(bad.sum())} bad rows in all)")
-        table[column] = values.astype(np.int64) if column in INTEGER_COLUMNS else values.astype(np.float64)
+            value = table[column].iloc[position]
+            value = value.item() if isinstance(value, np.generic) else value  # 'nan', not 'np.float64(nan)'
+            raise InputError(path, f"column {column}: {where} row {position + 1} holds {value!r}, not a "
+                             f"{'whole' if integer else 'finite'} number ({int(bad.sum())} bad rows in all)")
+        table[column] = values.astype(np.int64) if integer else values
     return table
 
 

@@ -19,6 +19,9 @@ from cryofire.io._table import add_defaults, ensure_numeric, resolve_stack_paths
 
 _REQUIRED_FIELDS = ("blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/accel_kv", "ctf/cs_mm",
                     "ctf/amp_contrast", "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/phase_shift_rad")
+# numpy dtype kinds accepted for these required fields, and what they hold; the others hold numbers of any kind.
+_FIELD_KINDS = {"blob/path": ("S", "file names (bytes)"), "blob/idx": ("iu", "integers"),
+                "blob/shape": ("iu", "integers")}
 _POSE_FIELDS = ("alignments3D/pose", "alignments3D/shift")
 _OPTICS_COLUMNS = ("rlnImagePixelSize", "rlnImageSize", "rlnVoltage", "rlnSphericalAberration",
                    "rlnAmplitudeContrast")
@@ -58,16 +61,36 @@ def _load(path: str | Path) -> np.ndarray:
         raise InputError(path, "file not found")
     try:
         particles = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise InputError(path, f"not a readable cryoSPARC .cs file ({error})") from None
+    except Exception as error:  # numpy raises many types (ValueError, EOFError, tokenize errors) on damaged files
+        raise InputError(path, f"not a readable cryoSPARC .cs file ({type(error).__name__}: {error})",
+                         "the file is damaged or not a .cs file: export it again from cryoSPARC") from None
     names = particles.dtype.names or ()
     missing = [field for field in _REQUIRED_FIELDS if field not in names]
     if missing:
         raise InputError(path, f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
                          "export the particles from a job that has CTF estimates (e.g. Extract, Refine)")
+    _require_field_types(particles.dtype, path)
     if particles.ndim != 1 or len(particles) == 0:
         raise InputError(path, "holds no particles")
     return particles
+
+
+def _require_field_types(dtype: np.dtype, path: str | Path) -> None:
+    """InputError unless blob/path holds bytes, blob/idx and blob/shape integers, the other fields numbers."""
+    for field in _REQUIRED_FIELDS:
+        kinds, expected = _FIELD_KINDS.get(field, ("biuf", "numbers"))
+        if dtype[field].base.kind not in kinds:
+            raise InputError(path, f"field {field} holds {dtype[field]} values, not {expected}")
+
+
+def _blob_paths(particles: np.ndarray, path: str | Path) -> pd.Series:
+    """The stack file names of ``blob/path`` (UTF-8, without cryoSPARC's leading '>')."""
+    names = pd.Series(particles["blob/path"]).str.decode("utf-8", errors="replace")
+    bad = np.flatnonzero(names.str.contains("\ufffd", regex=False))
+    if len(bad):
+        raise InputError(path, f"field blob/path: particle row {bad[0] + 1} holds "
+                         f"{bytes(particles['blob/path'][bad[0]])!r}, not UTF-8 text")
+    return names.str.removeprefix(">")
 
 
 def _ctf_and_images(particles: np.ndarray, path: str | Path) -> pd.DataFrame:
@@ -79,7 +102,7 @@ def _ctf_and_images(particles: np.ndarray, path: str | Path) -> pd.DataFrame:
         position = int(np.flatnonzero(shape[:, 0] != shape[:, 1])[0])
         raise InputError(path, f"field blob/shape: particle row {position + 1} has shape "
                          f"{shape[position].tolist()}, not a square image")
-    blob_path = pd.Series(particles["blob/path"]).str.decode("utf-8").str.removeprefix(">")
+    blob_path = _blob_paths(particles, path)
     index = particles["blob/idx"].astype(np.int64)
     table = pd.DataFrame({
         "rlnImageName": (pd.Series(index + 1).astype(str).str.zfill(6) + "@" + blob_path),
@@ -99,7 +122,7 @@ def _ctf_and_images(particles: np.ndarray, path: str | Path) -> pd.DataFrame:
         table["rlnCtfBfactor"] = particles["ctf/bfactor"].astype(np.float64)
     exposure_group = particles["ctf/exp_group_id"] if "ctf/exp_group_id" in particles.dtype.names else 0
     keys = table[list(_OPTICS_COLUMNS)].assign(exposure_group=exposure_group)
-    table["rlnOpticsGroup"] = keys.groupby(list(keys.columns), sort=True).ngroup().astype(np.int64) + 1
+    table["rlnOpticsGroup"] = keys.groupby(list(keys.columns), sort=True, dropna=False).ngroup().astype(np.int64) + 1
     return table
 
 

@@ -11,6 +11,7 @@ nzstart = 0``, so ChimeraX places cryofire maps exactly where it places the maps
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ def _read_header(path: str | Path) -> np.recarray:
             with mrcfile.open(path, header_only=True, permissive=True) as mrc:
                 return mrc.header.copy()
         except ValueError as error:
-            raise InputError(path, f"not a readable MRC file ({error})") from None
+            raise InputError(path, f"not a readable MRC file ({error})",
+                             "its header is damaged: re-copy or re-export the file") from None
 
 
 def _data_shape(header: np.recarray, path: str | Path) -> tuple[int, int, int]:
@@ -56,11 +58,11 @@ def _data_shape(header: np.recarray, path: str | Path) -> tuple[int, int, int]:
     shape = (int(header.nz), int(header.ny), int(header.nx))
     if min(shape) <= 0:
         raise InputError(path, f"the header declares an empty data block (nx, ny, nz = "
-                         f"{shape[2]}, {shape[1]}, {shape[0]})")
+                         f"{shape[2]}, {shape[1]}, {shape[0]})", "the file holds no images or its header is damaged")
     if int(header.nsymbt) < 0:
         raise InputError(path, f"corrupt header: extended header size {int(header.nsymbt)} bytes")
     item_bytes = data_dtype_from_header(header).itemsize
-    expected_bytes = HEADER_DTYPE.itemsize + int(header.nsymbt) + int(np.prod(shape)) * item_bytes
+    expected_bytes = HEADER_DTYPE.itemsize + int(header.nsymbt) + math.prod(shape) * item_bytes  # no int64 overflow
     actual_bytes = os.path.getsize(path)
     if actual_bytes < expected_bytes:
         raise InputError(path, f"file is truncated: {actual_bytes} bytes, but its header "
@@ -243,6 +245,11 @@ class StackWriter:
         self._max = -np.inf
         self._mean = 0.0
         self._sum_squared_deviations = 0.0
+
+    @staticmethod
+    def file_bytes(n_images: int, image_size: int) -> int:
+        """Size in bytes of the stack written from ``n_images`` images of ``image_size`` x ``image_size`` px."""
+        return HEADER_DTYPE.itemsize + n_images * image_size * image_size * np.dtype("<f4").itemsize
 
     def __enter__(self) -> StackWriter:
         self._temporary: Path = temporary_sibling(self.path)

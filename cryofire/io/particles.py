@@ -107,8 +107,14 @@ class ImageSource:
         return len(self._image_index)
 
     def _describe(self, row: int) -> str:
-        """A particle named for messages: its image name and table index label."""
-        return f"particle {self._names[row]} (table row {self._labels[row]})"
+        """A particle named for messages: its image name and its 1-based row in the particle file.
+
+        The row is the table's integer index label + 1 (read_particles numbers the rows of the file from 0, and a
+        subset of the table keeps those labels); other labels are shown as they are.
+        """
+        label = self._labels[row]
+        where = f"particle file row {label + 1}" if isinstance(label, (int, np.integer)) else f"table row {label!r}"
+        return f"particle {self._names[row]} ({where})"
 
     def _read_layouts(self) -> list[StackLayout]:
         """The layout of every stack, checking each exists, is readable and has the first one's box size."""
@@ -132,7 +138,9 @@ class ImageSource:
             row = int(np.flatnonzero(outside)[0])
             code = self._stack_codes[row]
             raise InputError(self._stacks[code], f"{self._describe(row)} asks for image "
-                             f"{self._image_index[row] + 1}, but the stack holds {counts[code]} images")
+                             f"{self._image_index[row] + 1}, but the stack holds {counts[code]} images",
+                             "image numbers before '@' count from 1; is this the stack the particles were "
+                             "extracted to?")
 
     def _check_table_sizes(self, table_sizes: pd.Series | None) -> None:
         """InputError when the table's ``rlnImageSize`` disagrees with the stacks' box size."""
@@ -206,7 +214,8 @@ class ImageSource:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise InputError(self._stacks[self._stack_codes[rows[bad[0]]]],
                          f"{n_pixels} NaN or infinite pixels in {len(bad)} image(s): {listed}{more}",
-                         "remove these particles from the particle file, or repair the stack")
+                         "remove these particles from the particle file, repair the stack, or leave such images out "
+                         "with `cryofire preprocess --skip-bad-images`")
 
     def iter_batches(self, batch_size: int,
                      indices: ArrayLike | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -7,6 +7,7 @@ Reads RELION 3.0 (one particle block, CTF and pixel size per particle) and RELIO
 from __future__ import annotations
 
 import csv
+import linecache
 import os
 import warnings
 from pathlib import Path
@@ -79,7 +80,11 @@ def _particle_blocks(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | Non
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as error:  # the parser raises many types on malformed text
-        raise InputError(path, f"not a readable STAR file ({type(error).__name__}: {error})") from None
+        detail = " ".join(str(error).split())  # on one line
+        raise InputError(path, f"not a readable STAR file ({type(error).__name__}: {detail})",
+                         "each row of a loop_ needs one value per label above it; quote values with spaces") from None
+    finally:
+        linecache.clearcache()  # the parser reads lines through linecache and leaves them cached when it fails
     loops = {name: block for name, block in blocks.items() if isinstance(block, pd.DataFrame)}
     optics = loops.get("optics")
     if "particles" in loops:
@@ -90,7 +95,16 @@ def _particle_blocks(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | Non
             raise InputError(path, "no data block with an rlnImageName column", "is this a particle STAR file?")
     if len(loops[name]) == 0:
         raise InputError(path, f"data_{name} holds no particles")
+    for block_name in {name, "optics"} & set(loops):
+        _require_unique_columns(loops[block_name], path, f"data_{block_name}")
     return loops[name].reset_index(drop=True), optics, name
+
+
+def _require_unique_columns(block: pd.DataFrame, path: str | Path, where: str) -> None:
+    """InputError naming the first column label that ``block`` has twice."""
+    repeated = block.columns[block.columns.duplicated()]
+    if len(repeated):
+        raise InputError(path, f"{where} has column {repeated[0]} twice", "delete one of the two header lines")
 
 
 def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame, path: str | Path) -> pd.DataFrame:
@@ -106,7 +120,8 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame, path: str | Pat
     if unknown.any():
         position = int(np.flatnonzero(unknown)[0])
         raise InputError(path, f"data_particles row {position + 1} uses optics group {groups.iloc[position]}, "
-                         f"which data_optics does not define (it defines {sorted(optics['rlnOpticsGroup'])})")
+                         f"which data_optics does not define (it defines {sorted(optics['rlnOpticsGroup'])})",
+                         "add the group to data_optics or correct rlnOpticsGroup")
     shared = [column for column in optics.columns if column in particles.columns and column != "rlnOpticsGroup"]
     return particles.assign(rlnOpticsGroup=groups).merge(optics.drop(columns=shared), how="left",
                                                          on="rlnOpticsGroup", sort=False)

@@ -66,6 +66,8 @@ class SimulationConfig:
             and (bool(self.volumes) or self.heterogeneity != "bimodal"
                  or len(self.state_weights) <= len(self.hinge_range_deg)),  # the phantom has two states
             "shift_std_px": self.shift_std_px >= 0,
+            "images_per_stack": self.images_per_stack >= 1,
+            "chunk_size": self.chunk_size >= 1,
         }
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
