@@ -101,6 +101,9 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-radius", type=float, default=0.85,
                    help="particle circle radius as a fraction of half the box, for background statistics (default 0.85)")
     p.add_argument("--invert", action="store_true", help="invert contrast (for dark particles on a bright background)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images with NaN/infinite pixels or (background normalisation) a constant background, "
+                        "instead of stopping; costs one extra reading pass")
     p.add_argument("--chunk-size", type=int, default=1000, help="images processed at a time (bounds memory)")
     p.add_argument("--images-per-stack", type=int, default=50_000, help="images per output .mrcs (default 50000)")
 
@@ -111,7 +114,7 @@ def _preprocess(args: argparse.Namespace) -> None:
 
     config = PreprocessConfig(
         box_size=args.box, normalize=args.normalize, mask_radius_fraction=args.mask_radius, invert=args.invert,
-        images_per_stack=args.images_per_stack, chunk_size=args.chunk_size,
+        skip_bad_images=args.skip_bad_images, images_per_stack=args.images_per_stack, chunk_size=args.chunk_size,
     )
     print(preprocess(args.particles, args.out, config, args.datadir, args.allow_absolute_paths))
 
@@ -167,11 +170,21 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 # --- train / infer --------------------------------------------------------------------------------------------------
+_TRAIN_EPILOG = """\
+several GPUs (data-parallel, one process per GPU, on one node):
+  torchrun --standalone --nproc_per_node N -m cryofire.cli train PARTICLES -o RUN [options]
+  (or: torchrun --standalone --nproc_per_node N --no-python cryofire train ...)
+  --batch-size is per process: each step averages N x batch-size images; rank 0 writes the run folder.
+  Without CUDA (or with --device cpu) the processes share the CPU through gloo: meant for testing.
+"""
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     from cryofire.model import ModelConfig
     from cryofire.options import add_dataclass_arguments
     from cryofire.train.config import DERIVED_MODEL_OPTIONS, TrainConfig
 
+    p.epilog, p.formatter_class = _TRAIN_EPILOG, argparse.RawDescriptionHelpFormatter
     p.add_argument("particles", help="preprocessed particle file (.star or .cs)")
     p.add_argument("-o", "--out", required=True, help="run folder (config.yaml, checkpoint.pt, log.jsonl, outputs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -185,10 +198,13 @@ def _train(args: argparse.Namespace) -> None:
     from cryofire.options import dataclass_values
     from cryofire.train import TrainConfig, train
     from cryofire.train.config import DERIVED_MODEL_OPTIONS
+    from cryofire.train.distributed import launch_from_env
 
     values = dataclass_values(args, TrainConfig, skip=("model",))
     values["model"] = dataclass_values(args, ModelConfig, skip=DERIVED_MODEL_OPTIONS)
-    print(train(args.particles, args.out, TrainConfig(**values), resume=args.resume))
+    run = train(args.particles, args.out, TrainConfig(**values), resume=args.resume)
+    if launch_from_env().is_main:  # under torchrun, one line for the whole run
+        print(run)
 
 
 def _infer_args(p: argparse.ArgumentParser) -> None:

@@ -146,9 +146,11 @@ def test_profiles():
     assert not {"use-conda", "software-deployment-method", "sdm"} & set(slurm)
     for rule in ("train", "volumes"):
         resources = slurm["set-resources"][rule]
-        assert resources["gpu"] == 1 and resources["nodes"] == 1 and "slurm_partition" in resources
+        # train: the GPU count comes from the rule (config `train: gpus`), so the profile must not override it.
+        assert resources.get("gpu", 1) == 1 and resources["nodes"] == 1 and "slurm_partition" in resources
         assert "attempt" in str(resources["runtime"])
         assert resources["cpus_per_gpu"] >= slurm["set-threads"][rule]
+    assert "gpu" not in slurm["set-resources"]["train"]
 
 
 def test_slurm_profile_dry_run(tmp_path):

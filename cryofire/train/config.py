@@ -25,14 +25,16 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training images.
-        batch_size: images per optimisation step.
+        batch_size: images per optimisation step and process: under torchrun with N processes each step
+            averages the gradients of N x batch_size images (the schedules count those images).
         learning_rate: Adam learning rate.
         weight_decay: Adam weight decay.
         poses: abinit (poses from the encoder), fixed (poses from the input file; learn the conformations only)
             or refine (start from the input poses and let the encoder correct them).
         val_fraction: fraction of the images held out to measure over-fitting (0 to 0.5).
         seed: random seed (model initialisation, shuffling, train/validation split).
-        device: auto (CUDA when present), cpu, or cuda[:N].
+        device: auto (CUDA when present), cpu, or cuda[:N]; under torchrun auto or cuda, and each process
+            uses cuda:LOCAL_RANK.
         num_workers: DataLoader worker processes reading images ahead (0 reads in the main process).
         mixed_precision: bf16 autocast on CUDA (ignored on the CPU).
         grad_clip: clip the gradient norm to this value (0 = off).
@@ -105,12 +107,15 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig, data: dict) -> None:
-    """config.yaml of a run: the data, the options, the derived model configuration, versions, command line."""
+def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig, data: dict,
+                     processes: int = 1) -> None:
+    """config.yaml of a run: the data, the options, the derived model configuration, the number of training
+    processes (torchrun) and the resulting global batch size, versions, command line."""
     payload = {
         "data": data,
         "train": config.to_dict(),
         "model": model_config.to_dict(),
+        "launch": {"processes": processes, "global_batch_size": config.batch_size * processes},
         "command": sys.argv,
         "versions": software_versions(),
     }

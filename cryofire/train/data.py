@@ -83,12 +83,48 @@ def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+class ShardedBatches(torch.utils.data.Sampler[list[int]]):
+    """One process's batches of a multi-process step: the epoch's order cut into global batches of
+    ``batch_size x world_size`` positions (a last, shorter one dropped), of which process `rank` takes slice `rank`.
+
+    Concatenated over the ranks, step k is exactly batch k of one process with batch size ``batch_size x world_size``
+    and the same order; every process gets the same number of batches.
+    """
+
+    def __init__(self, order: torch.utils.data.Sampler[int], batch_size: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.order, self.batch_size, self.rank, self.world_size = order, batch_size, rank, world_size
+
+    def __iter__(self):
+        order = list(self.order)
+        step = self.batch_size * self.world_size
+        for start in range(0, len(order) - step + 1, step):
+            first = start + self.rank * self.batch_size
+            yield order[first:first + self.batch_size]
+
+    def __len__(self) -> int:
+        return len(self.order) // (self.batch_size * self.world_size)
+
+
 def make_loader(
-    dataset: ParticleImages, batch_size: int, shuffle: bool, seed: int, epoch: int, num_workers: int, pin_memory: bool
+    dataset: ParticleImages, batch_size: int, shuffle: bool, seed: int, epoch: int, num_workers: int,
+    pin_memory: bool, rank: int = 0, world_size: int = 1,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose shuffling depends only on (seed, epoch), so a resumed run sees the same batches."""
+    """A DataLoader whose shuffling depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    With `world_size` > 1 (data-parallel training, shuffled loaders only) process `rank` gets its `batch_size`
+    share of each global batch of the same seeded order (:class:`ShardedBatches`).
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    if world_size > 1:
+        if not shuffle:
+            raise ValueError("only shuffled (training) loaders are split over processes")
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=ShardedBatches(sampler, batch_size, rank, world_size), collate_fn=keep_batch,
+            num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+        )
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle, collate_fn=keep_batch,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,

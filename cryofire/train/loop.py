@@ -7,6 +7,11 @@ epoch) -> final outputs (poses.star, latents.npy, weights.pt).
 Schedules are counted in images seen. Shuffling depends only on (seed, epoch) and the random-number state is saved
 in each checkpoint, so a run killed at any moment and resumed with `--resume` ends with the same weights as an
 uninterrupted one (bit for bit on the CPU).
+
+Under torchrun (several processes, :mod:`cryofire.train.distributed`) every process takes its share of each step's
+images and DistributedDataParallel averages the gradients: N processes with `batch_size` B follow one process with
+batch N x B (up to the order of float sums). Rank 0 alone evaluates, logs, writes checkpoints and the final
+outputs; all ranks resume from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -20,13 +25,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cryofire.device import resolve_device
 from cryofire.errors import CryofireError
 from cryofire.io import read_particles
 from cryofire.model import CryoFireModel, ModelConfig
 from cryofire.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire.train.config import TrainConfig, write_run_config
 from cryofire.train.data import ParticleImages, ctf_from_parameters, has_poses, make_loader
+from cryofire.train.distributed import (
+    Launch,
+    broadcast_object,
+    gather_objects,
+    launch_from_env,
+    mean_over_processes,
+    process_seed,
+    setup,
+    shutdown,
+    wait_for_all,
+)
 from cryofire.train.predict import predict_dataset, rotation_error_summary, save_predictions
 from cryofire.train.teacher import PoseTeacher, target_rotation_error
 
@@ -42,14 +57,17 @@ def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 def training_step(
-    model: CryoFireModel, batch: dict, images_seen: int, device: torch.device, config: TrainConfig,
-    targets: dict[str, torch.Tensor] | None = None,
+    model: CryoFireModel | torch.nn.parallel.DistributedDataParallel, batch: dict, images_seen: int,
+    device: torch.device, config: TrainConfig, targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Forward pass of one batch (under bf16 autocast on CUDA when asked); `targets` are pose-search targets."""
+    """Forward pass of one batch (under bf16 autocast on CUDA when asked); `targets` are pose-search targets.
+
+    `model` may be wrapped in DistributedDataParallel (multi-process training)."""
     images = batch["images"].to(device, non_blocking=True)
     ctf = ctf_from_parameters(batch["ctf_parameters"].to(device), images.shape[-1])
     given = {}
-    if model.config.pose_mode != "abinit":
+    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if core.config.pose_mode != "abinit":
         given = {"given_rotations": batch["rotations"].to(device), "given_shifts_px": batch["origins_px"].to(device)}
     use_bf16 = config.mixed_precision and device.type == "cuda"
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -57,13 +75,21 @@ def training_step(
 
 
 class Trainer:
-    """State of one run: model, optimizer, counters; `fit` runs the epochs."""
+    """State of one run: model, optimizer, counters; `fit` runs the epochs.
 
-    def __init__(self, particles: str | Path, run_dir: str | Path, config: TrainConfig) -> None:
+    `launch` is this process's place in a torchrun launch (default: read from the environment); a multi-process
+    launch joins the process group here. `self.model` is always the plain model (evaluation, pose search,
+    checkpoints); `self.forward_model` is what the training steps call (the DistributedDataParallel wrapper when
+    there are several processes).
+    """
+
+    def __init__(self, particles: str | Path, run_dir: str | Path, config: TrainConfig,
+                 launch: Launch | None = None) -> None:
         self.run_dir, self.config = Path(run_dir), config
+        self.launch = launch_from_env() if launch is None else launch
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
-        self.device = resolve_device(config.device)
+        self.device = setup(config.device, self.launch)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.table = read_particles(particles, datadir=config.datadir, allow_absolute_paths=config.allow_absolute_paths)
@@ -72,7 +98,8 @@ class Trainer:
         train_rows, self.val_rows = split_rows(len(self.table), config.val_fraction, config.seed)
         self.train_set = ParticleImages(self.table, train_rows)
         self.val_set = ParticleImages(self.table, self.val_rows) if len(self.val_rows) else None
-        planned = config.epochs * (len(train_rows) // config.batch_size) * config.batch_size
+        global_batch = config.batch_size * self.launch.world_size
+        planned = config.epochs * (len(train_rows) // global_batch) * global_batch
         model_config = ModelConfig.from_dict(
             {**config.model, "box_size": self.train_set.image_size, "pose_mode": config.poses,
              "planned_images": max(planned, 1)}
@@ -80,6 +107,9 @@ class Trainer:
         self.model = CryoFireModel(model_config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
+        self.forward_model = self.model
+        if self.launch.distributed:
+            self.forward_model = self.wrap_data_parallel()
         self.epoch, self.images_seen, self.bad_steps = 0, 0, 0
         self.teacher = None
         if config.poses == "abinit" and config.search_fraction > 0:
@@ -93,15 +123,38 @@ class Trainer:
             "pixel_size_angstrom": float(self.table["rlnImagePixelSize"].iloc[0]),
         }
 
+    def wrap_data_parallel(self) -> torch.nn.parallel.DistributedDataParallel:
+        """DistributedDataParallel around the model (it copies rank 0's weights to every process); from here on
+        each process draws its own random numbers (pose-only latents, variational samples)."""
+        import inspect
+
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # The buffers (lattice, window, Fourier features) are constants: no need to send them at every step.
+        # (`forward_sync_buffers` replaces `broadcast_buffers` in recent PyTorch.)
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                          else {"broadcast_buffers": False})
+        # Some parameters get no gradient in some phases (the latent head while the decoder gets random latents,
+        # the pose heads with `--poses fixed`), so DDP must look for them at every step (and warns once, from C++,
+        # in phases where it finds none). Their gradients stay None, as in a single process: Adam skips them.
+        wrapped = ddp(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                      find_unused_parameters=True, **no_buffer_sync)
+        if not self.launch.is_main:
+            torch.manual_seed(process_seed(self.config.seed, self.launch.rank))
+        return wrapped
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {
+        """The checkpoint's contents; with several processes it also holds each one's random-number state (all
+        processes must call this: it gathers them)."""
+        state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
             "epoch": self.epoch, "images_seen": self.images_seen, "rng": torch.get_rng_state(),
             "teacher": self.teacher.state() if self.teacher else {},
         }
+        if self.launch.distributed:
+            state["rank_rng"] = gather_objects(state["rng"], self.launch)
+        return state
 
     def resume(self) -> bool:
         """Load `checkpoint.pt` if present; True when a run was resumed."""
@@ -114,6 +167,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.images_seen = state["epoch"], state["images_seen"]
         torch.set_rng_state(state["rng"].cpu())
+        if self.launch.distributed:
+            # Each process continues its own random stream when the number of processes is unchanged.
+            saved = state.get("rank_rng")
+            if saved is not None and len(saved) == self.launch.world_size:
+                torch.set_rng_state(saved[self.launch.rank].cpu())
+            elif not self.launch.is_main:
+                torch.manual_seed(process_seed(self.config.seed, self.launch.rank) + self.epoch)
         if self.teacher:
             self.teacher.load_state(state["teacher"])
         return True
@@ -133,22 +193,29 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def fit(self) -> None:
+        """The epochs; after each, rank 0 evaluates, logs and writes the checkpoint while the others wait."""
         while self.epoch < self.config.epochs:
             started = time.time()
             train_loss = self.run_epoch()
             self.epoch += 1
             record = {"event": "epoch", "epoch": self.epoch, "images_seen": self.images_seen,
-                      "train_loss": train_loss, "epoch_seconds": time.time() - started, **self.evaluate()}
-            self.log(record)
-            save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state())
+                      "train_loss": train_loss, "epoch_seconds": time.time() - started}
+            if self.launch.is_main:
+                record.update(self.evaluate())
+            state = self.state()  # gathers the random-number states of all processes
+            if self.launch.is_main:
+                self.log(record)
+                save_checkpoint(self.run_dir / CHECKPOINT_NAME, state)
 
     def run_epoch(self) -> float:
+        """One pass over the training images; the mean step loss (over all processes' images)."""
         cfg = self.config
-        self.model.train()
+        self.forward_model.train()
         loader = make_loader(self.train_set, cfg.batch_size, True, cfg.seed, self.epoch, cfg.num_workers,
-                             self.device.type == "cuda")
+                             self.device.type == "cuda", self.launch.rank, self.launch.world_size)
         losses, started, images_at_start = [], time.time(), self.images_seen
-        progress = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", mininterval=2.0)
+        progress = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", mininterval=2.0,
+                        disable=not self.launch.is_main)
         for step, batch in enumerate(progress):
             loss = self.step(batch)
             if loss is not None:
@@ -162,12 +229,17 @@ class Trainer:
         return float(np.mean(losses)) if losses else math.nan
 
     def step(self, batch: dict) -> float | None:
-        """One optimisation step; a non-finite loss skips the update (and is logged)."""
+        """One optimisation step; a non-finite loss skips the update (and is logged).
+
+        With several processes the loss returned (and checked) is the mean over all of them, so every process
+        takes the same decision; `images_seen` counts the images of all processes.
+        """
         targets = self.search_targets(batch)
-        out = training_step(self.model, batch, self.images_seen, self.device, self.config, targets)
-        self.images_seen += len(batch["index"])
+        out = training_step(self.forward_model, batch, self.images_seen, self.device, self.config, targets)
+        self.images_seen += len(batch["index"]) * self.launch.world_size
         loss = out["loss"]
-        if not torch.isfinite(loss):
+        reported = mean_over_processes(loss.detach(), self.launch)
+        if not torch.isfinite(reported):
             self.bad_steps += 1
             self.log({"event": "nonfinite_loss", "epoch": self.epoch, "images_seen": self.images_seen})
             if self.bad_steps >= MAX_BAD_STEPS:
@@ -180,7 +252,7 @@ class Trainer:
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return float(loss.detach())
+        return float(reported)
 
     def search_targets(self, batch: dict) -> dict[str, torch.Tensor] | None:
         """Pose-search targets of the batch while the teacher is active (searching first when one is due)."""
@@ -189,6 +261,8 @@ class Trainer:
         if self.teacher.due(self.images_seen):
             record = self.teacher.search(self.model, self.train_set, self.images_seen, self.device,
                                          4 * self.config.batch_size, self.config.num_workers)
+            if self.launch.distributed:  # every process searched with the same weights; keep rank 0's result
+                self.teacher.load_state(broadcast_object(self.teacher.state(), self.launch))
             if has_poses(self.table):
                 rows = self.train_set.rows[:: max(1, len(self.train_set) // 2000)]
                 record["target_rotation_error_median_deg"] = target_rotation_error(
@@ -215,6 +289,9 @@ class Trainer:
         return result
 
     def log(self, record: dict) -> None:
+        """Append to log.jsonl (rank 0 only) and print epoch and search lines."""
+        if not self.launch.is_main:
+            return
         record["wall_time"] = time.time()
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -223,7 +300,9 @@ class Trainer:
                                 if k not in ("event", "wall_time")))
 
     def finish(self) -> None:
-        """Predict every image (input order) and write poses.star, latents.npy, weights.pt."""
+        """Predict every image (input order) and write poses.star, latents.npy, weights.pt (rank 0 only)."""
+        if not self.launch.is_main:
+            return
         everything = ParticleImages(self.table)
         predictions = predict_dataset(self.model, everything, self.images_seen, self.device, self.config)
         save_predictions(self.run_dir, self.table, predictions)
@@ -233,14 +312,24 @@ class Trainer:
 
 
 def train(particles: str | Path, run_dir: str | Path, config: TrainConfig, resume: bool = False) -> Path:
-    """Train a model on a preprocessed dataset; returns the run folder."""
-    trainer = Trainer(particles, run_dir, config)
-    if resume and trainer.resume():
-        tqdm.write(f"resumed at epoch {trainer.epoch} ({trainer.images_seen} images seen)")
-    elif not resume and (trainer.run_dir / CHECKPOINT_NAME).exists():
-        raise CryofireError(f"{trainer.run_dir} holds a checkpoint: use --resume to continue it, or another -o")
-    write_run_config(trainer.run_dir, config, trainer.model.config, trainer.data_info)
-    trainer.fit()
-    trainer.finish()
+    """Train a model on a preprocessed dataset; returns the run folder.
+
+    Run under torchrun (WORLD_SIZE > 1 in the environment) it is one process of a data-parallel run.
+    """
+    launch = launch_from_env()
+    try:
+        trainer = Trainer(particles, run_dir, config, launch)
+        if resume and trainer.resume():
+            if launch.is_main:
+                tqdm.write(f"resumed at epoch {trainer.epoch} ({trainer.images_seen} images seen)")
+        elif not resume and (trainer.run_dir / CHECKPOINT_NAME).exists():
+            raise CryofireError(f"{trainer.run_dir} holds a checkpoint: use --resume to continue it, or another -o")
+        if launch.is_main:
+            write_run_config(trainer.run_dir, config, trainer.model.config, trainer.data_info, launch.world_size)
+        trainer.fit()
+        trainer.finish()
+        wait_for_all(launch)  # the other processes end when rank 0 has written the outputs
+    finally:
+        shutdown(launch)
     return trainer.run_dir
 

@@ -86,12 +86,28 @@ def get_simulate_args(wildcards):
 
 
 def get_train_args(wildcards):
-    """Every `cryofire train` option of the dataset: the named ones, then those of its `extra` map."""
+    """Every `cryofire train` option of the dataset: the named ones, then those of its `extra` map (`gpus` is
+    the workflow's: see get_train_launcher).
+    """
     options = get_options(wildcards.dataset, "train")
     extra = options.pop("extra", {})
+    options.pop("gpus", None)
     return (
         f"{as_flags(options, negatable=True)} {as_flags(extra, negatable=True)}".strip()
     )
+
+
+def get_train_gpus(wildcards):
+    return get_options(wildcards.dataset, "train")["gpus"]
+
+
+def get_train_launcher(wildcards, resources):
+    """`cryofire` for one GPU; for several, torchrun with one process per GPU the job was given (a profile's
+    `set-resources`, or a local `--resources gpu=N` smaller than the request, can change that number).
+    """
+    if resources.gpu <= 1:
+        return "cryofire"
+    return f"torchrun --standalone --nproc_per_node {resources.gpu} -m cryofire.cli"
 
 
 def get_analyze_args(wildcards):

@@ -13,14 +13,17 @@ rule train:
         "benchmarks/{dataset}/train.tsv"
     conda:
         "../../envs/cryofire.yaml"
+    # Threads per training process: with `gpus: N` the job runs N processes (SLURM: cpus_per_gpu x N CPUs).
     threads: 8
     resources:
         mem_mb=32000,
         runtime=lambda wildcards, attempt: 480 * attempt,
-        gpu=1,
+        gpu=get_train_gpus,
     params:
         run=subpath(output.weights, parent=True),
+        launcher=get_train_launcher,
         args=get_train_args,
     shell:
-        # --resume continues from run/checkpoint.pt when there is one and starts afresh when there is none.
-        "cryofire train {input.star} -o {params.run} --resume {params.args} > {log} 2>&1"
+        # --resume continues from run/checkpoint.pt when there is one and starts afresh when there is none
+        # (with several GPUs every process resumes from it; rank 0 alone writes the run folder).
+        "{params.launcher} train {input.star} -o {params.run} --resume {params.args} > {log} 2>&1"
