@@ -8,11 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cryofire.io import read_star
 from cryofire.simulate import SimulationConfig, simulate_dataset
 from cryofire.train import TrainConfig, train
 from cryofire.train.checkpoint import load_checkpoint
+from cryofire.train.config import write_run_config
 from cryofire.train.infer import infer
 from cryofire.train.loop import Trainer
 
@@ -59,6 +61,21 @@ def test_resume_after_interruption_gives_the_same_weights(particles, tmp_path):
     a = load_checkpoint(uninterrupted / "weights.pt")["model"]
     b = load_checkpoint(resumed / "weights.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_run_keeps_its_first_command_and_records_the_resume(particles, tmp_path, monkeypatch):
+    config = small_config(epochs=2)
+    monkeypatch.setattr("sys.argv", ["cryofire", "train", "first"])
+    partial = Trainer(particles, tmp_path / "run", replace(config, epochs=1))
+    write_run_config(partial.run_dir, partial.config, partial.model.config, partial.data_info)
+    partial.fit()
+    monkeypatch.setattr("sys.argv", ["cryofire", "train", "again", "--resume"])
+    train(particles, tmp_path / "run", config, resume=True)
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["command"] == ["cryofire", "train", "first"]
+    assert [r["command"][-1] for r in recorded["resumed"]] == ["--resume"]
+    assert recorded["resumed"][0]["images_seen"] > 0
+    assert {"seed", "epochs"} <= recorded["train"].keys() and {"torch", "cuda", "torch_threads"} <= recorded["versions"].keys()
 
 
 def test_same_seed_reproduces_bit_for_bit(particles, tmp_path):

@@ -82,7 +82,8 @@ def test_lint_passes():
     ({"train": {"poses": "bogus"}}, "['poses']"),
     ({"train": {"epoch": 3}}, "'epoch' was unexpected"),
     ({"datasets": {"tiny": {"simulate": {}, "train": {"zdim": 0}}}}, "['zdim']"),
-    ({"datasets": {"tiny": {"simulate": {}, "train": {"extra": {"epochs": 3}}}}}, "'epochs' should not be valid"),
+    ({"datasets": {"tiny": {"simulate": {}, "train": {"extra": {"epochs": 3}}}}}, "'epochs' is not one of"),
+    ({"train": {"extra": {"encoder_channel": 8}}}, "'encoder_channel' is not one of"),
     ({"train": {"extra": {"encoder_channels": [8]}}}, "['encoder_channels']"),
     ({"volumes": {"steps": 1}}, "['steps']"),
 ])
@@ -93,6 +94,21 @@ def test_invalid_config_fails_naming_the_key(config, named, tmp_path):
     assert result.returncode != 0
     log = result.stdout + result.stderr
     assert "Error validating config file" in log and named in log, log
+
+
+def test_schema_lists_every_extra_train_option():
+    """The schema's list of `train: extra:` names is exactly the train options the workflow does not manage."""
+    from dataclasses import fields
+
+    from cryofire.model import ModelConfig
+    from cryofire.train.config import DERIVED_MODEL_OPTIONS, TrainConfig
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    train = schema["$defs"]["train"]["properties"]
+    listed = set(train["extra"]["propertyNames"]["enum"])
+    managed = set(train) - {"extra"}
+    options = {f.name for f in fields(TrainConfig)} - {"model", "datadir"} | {f.name for f in fields(ModelConfig)}
+    assert listed == options - managed - set(DERIVED_MODEL_OPTIONS)
 
 
 def test_dataset_options_override_the_top_level_key_by_key(tmp_path):

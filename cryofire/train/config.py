@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -98,7 +99,12 @@ class TrainConfig:
 
 
 def software_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
+    """Versions of Python and the packages results depend on, the platform, CUDA, and torch's CPU thread count
+    (bit-for-bit reproducibility on the CPU holds for one thread count)."""
+    import torch
+
+    versions = {"python": platform.python_version(), "platform": platform.platform(),
+                "cuda": str(torch.version.cuda), "torch_threads": str(torch.get_num_threads())}
     for package in ("cryofire", "torch", "numpy", "mrcfile", "starfile", "pandas"):
         try:
             versions[package] = metadata.version(package)
@@ -108,17 +114,27 @@ def software_versions() -> dict[str, str]:
 
 
 def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig, data: dict,
-                     processes: int = 1) -> None:
+                     processes: int = 1, resumed_at_images: int | None = None) -> None:
     """config.yaml of a run: the data, the options, the derived model configuration, the number of training
-    processes (torchrun) and the resulting global batch size, versions, command line."""
+    processes (torchrun) and the resulting global batch size, versions, command line. A resumed run keeps the first
+    command and adds its own to ``resumed`` (command, images seen when resumed, time)."""
+    command, resumed = sys.argv, []
+    previous_path = run_dir / "config.yaml"
+    if resumed_at_images is not None and previous_path.exists():
+        previous = yaml.safe_load(previous_path.read_text()) or {}
+        command = previous.get("command", command)
+        resumed = previous.get("resumed", []) + [
+            {"command": sys.argv, "images_seen": resumed_at_images, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     payload = {
         "data": data,
         "train": config.to_dict(),
         "model": model_config.to_dict(),
         "launch": {"processes": processes, "global_batch_size": config.batch_size * processes},
-        "command": sys.argv,
+        "command": command,
         "versions": software_versions(),
     }
+    if resumed:
+        payload["resumed"] = resumed
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(payload, sort_keys=False))
     os.replace(tmp, run_dir / "config.yaml")

@@ -319,13 +319,15 @@ def train(particles: str | Path, run_dir: str | Path, config: TrainConfig, resum
     launch = launch_from_env()
     try:
         trainer = Trainer(particles, run_dir, config, launch)
-        if resume and trainer.resume():
+        resumed = resume and trainer.resume()
+        if resumed:
             if launch.is_main:
                 tqdm.write(f"resumed at epoch {trainer.epoch} ({trainer.images_seen} images seen)")
         elif not resume and (trainer.run_dir / CHECKPOINT_NAME).exists():
             raise CryofireError(f"{trainer.run_dir} holds a checkpoint: use --resume to continue it, or another -o")
         if launch.is_main:
-            write_run_config(trainer.run_dir, config, trainer.model.config, trainer.data_info, launch.world_size)
+            write_run_config(trainer.run_dir, config, trainer.model.config, trainer.data_info, launch.world_size,
+                             trainer.images_seen if resumed else None)
         trainer.fit()
         trainer.finish()
         wait_for_all(launch)  # the other processes end when rank 0 has written the outputs
