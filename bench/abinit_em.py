@@ -55,6 +55,7 @@ class EMConfig:
     beta_end: float = 1.0
     wiener: float = 0.1
     mask_fraction: float = 0.85
+    classes: int = 1
     seed: int = 0
 
 
@@ -117,8 +118,9 @@ class StochasticEM:
         self.grid_size = PADDING * box_size
         self.lattice = HalfPlaneLattice(box_size).to(self.device)
         grid = self.grid_size
-        self.sums = torch.zeros(3, grid, grid, grid, device=self.device)  # Re, Im, weight
-        self.volume_ft = torch.zeros(grid, grid, grid, dtype=torch.complex64, device=self.device)
+        classes = config.classes
+        self.sums = torch.zeros(classes, 3, grid, grid, grid, device=self.device)  # per class: Re, Im, weight
+        self.volume_ft = torch.zeros(classes, grid, grid, grid, dtype=torch.complex64, device=self.device)
         self.shell = self.lattice.radius_px.round().long()  # (M,) shell of each half-plane point
         self.shell_variance: torch.Tensor | None = None  # (D // 2 + 1,) misfit variance per shell
         self.iteration = 0
@@ -146,10 +148,11 @@ class StochasticEM:
 
     # --- EM -----------------------------------------------------------------------------------------------------
     def _slices(self, rotations: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lattice points (J, count, 3) of the slices and the map's values there (J, count, 2)."""
+        """Lattice points (J, count, 3) of the slices and each class map's values there (K * J, count, 2): the
+        hypotheses are (class, rotation) pairs, class-major."""
         points = (self.lattice.coords[:count] * self.grid_size) @ rotations[:, :2, :]
-        channels = torch.view_as_real(self.volume_ft).permute(3, 0, 1, 2)
-        return points, sample_slices(channels, points)
+        slices = [sample_slices(torch.view_as_real(volume).permute(3, 0, 1, 2), points) for volume in self.volume_ft]
+        return points, torch.cat(slices)
 
     @torch.no_grad()
     def iterate(self, observed: torch.Tensor, ctf: torch.Tensor) -> dict[str, float]:
@@ -167,7 +170,7 @@ class StochasticEM:
         log_w = -self._beta() * scores
         weights = torch.softmax(log_w.reshape(len(observed), -1), dim=-1).reshape(scores.shape)
         if self.iteration == 0:  # no map yet: each image at one random rotation, unshifted
-            weights = self._random_assignment(len(observed), len(rotations), shifts)
+            weights = self._random_assignment(len(observed), len(slices), shifts)
         else:
             self._update_shell_variance(observed, ctf, slices, shifts, scores, count)
         self._maximise(observed, ctf, weights, points, shifts, count)
@@ -205,30 +208,33 @@ class StochasticEM:
                   shifts: torch.Tensor, count: int) -> None:
         coords = self.lattice.coords[:count]
         moved = recentre(observed, coords, shifts.expand(len(observed), -1, -1)) * ctf[:, None, :, None]
-        sums = torch.einsum("bjt,btnc->jnc", weights, moved)  # (J, n, 2)
-        weight = weights.sum(-1).T @ ctf.square()  # (J, n)
-        inserted = friedel_symmetrise(insert_slices(torch.cat((sums, weight[..., None]), -1), points, self.grid_size))
-        self.sums.mul_(1.0 - self._forgetting()).add_(inserted)
+        sums = torch.einsum("bjt,btnc->jnc", weights, moved)  # (K * J, n, 2)
+        weight = weights.sum(-1).T @ ctf.square()  # (K * J, n)
+        values = torch.cat((sums, weight[..., None]), -1).reshape(self.config.classes, len(points), count, 3)
+        self.sums.mul_(1.0 - self._forgetting())
+        for k in range(self.config.classes):
+            self.sums[k].add_(friedel_symmetrise(insert_slices(values[k], points, self.grid_size)))
         self._update_map(count)
 
     def _update_map(self, count: int) -> None:
-        weight = self.sums[2]
         radius = float(self.lattice.radius_px[count - 1])
         inside = self.radius_px_3d <= radius + 1.0
-        regulariser = self.config.wiener * weight[inside].mean().clamp_min(1e-12)
-        volume_ft = torch.complex(self.sums[0], self.sums[1]) / (weight + regulariser)
-        volume = ifft3_centered(volume_ft * inside).real * self.mask
-        self.volume_ft = (fft3_centered(volume) * inside).to(torch.complex64)
+        for k, sums in enumerate(self.sums):
+            regulariser = self.config.wiener * sums[2][inside].mean().clamp_min(1e-12)
+            volume_ft = torch.complex(sums[0], sums[1]) / (sums[2] + regulariser)
+            volume = ifft3_centered(volume_ft * inside).real * self.mask
+            self.volume_ft[k] = (fft3_centered(volume) * inside).to(torch.complex64)
 
     # --- assignment ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def best_poses(self, observed: torch.Tensor, ctf: torch.Tensor, n_rotations: int = 8192,
-                   local_rounds: int = 4, local_candidates: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+                   local_rounds: int = 4, local_candidates: int = 48
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Most likely pose of each image at the final radius: a global search over ``n_rotations`` random
         rotations and the shift grid, then ``local_rounds`` of local search (random perturbations of the best
         rotation, halving in angle each round, and a shift grid of half the step around the best shift).
 
-        Returns rotations (B, 3, 3) and shifts (B, 2) px.
+        Returns rotations (B, 3, 3), shifts (B, 2) px and classes (B,).
         """
         count = self.lattice.count_within(self.config.end_radius_px)
         observed, ctf = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
@@ -237,17 +243,23 @@ class StochasticEM:
         shifts = shift_grid_px(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
         scores = pose_scores(observed, ctf, self._slices(rotations, count)[1], coords, shifts)
         best = scores.flatten(1).argmin(1)
-        best_r, best_t = rotations[best // len(shifts)], shifts[best % len(shifts)]
+        hypothesis = best // len(shifts)
+        classes = hypothesis // n_rotations
+        best_r, best_t = rotations[hypothesis % n_rotations], shifts[best % len(shifts)]
         angle_deg = (8 * math.pi**2 / n_rotations) ** (1 / 3) * 180 / math.pi
         step = self.config.shift_step_px
         for _ in range(local_rounds):
-            best_r, best_t = self._local_search(observed, ctf, coords, best_r, best_t, angle_deg, step,
-                                                local_candidates)
+            for k in range(self.config.classes):
+                mine = classes == k
+                if mine.any():
+                    best_r[mine], best_t[mine] = self._local_search(
+                        self.volume_ft[k], observed[mine], ctf[mine], coords, best_r[mine], best_t[mine], angle_deg,
+                        step, local_candidates)
             angle_deg, step = angle_deg / 2, step / 2
-        return best_r, best_t
+        return best_r, best_t, classes
 
-    def _local_search(self, observed: torch.Tensor, ctf: torch.Tensor, coords: torch.Tensor, rotations: torch.Tensor,
-                      shifts: torch.Tensor, angle_deg: float, step_px: float, candidates: int
+    def _local_search(self, volume_ft: torch.Tensor, observed: torch.Tensor, ctf: torch.Tensor, coords: torch.Tensor,
+                      rotations: torch.Tensor, shifts: torch.Tensor, angle_deg: float, step_px: float, candidates: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         from cryofire.physics import axis_angle_to_matrix
 
@@ -259,7 +271,7 @@ class StochasticEM:
         offsets = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1]], device=self.device) * step_px
         trial_shifts = shifts[:, None] + offsets  # (B, S, 2)
         points = (coords * self.grid_size) @ trial[..., :2, :].reshape(-1, 2, 3)
-        channels = torch.view_as_real(self.volume_ft).permute(3, 0, 1, 2)
+        channels = torch.view_as_real(volume_ft).permute(3, 0, 1, 2)
         slices = sample_slices(channels, points).reshape(batch, candidates, -1, 2)
         moved = recentre(observed, coords, trial_shifts) * ctf[:, None, :, None]  # (B, S, n, 2)
         power = (slices.square().sum(-1) * ctf[:, None].square()).sum(-1)  # (B, K)
@@ -295,7 +307,7 @@ def median_error_deg(em: StochasticEM, data: dict, n_images: int) -> float:
 
     from cryofire.evaluate import align_poses, rotation_errors_deg
 
-    rotations, _ = em.best_poses(data["observed"][:n_images], data["ctf"][:n_images], local_rounds=3)
+    rotations, _, _ = em.best_poses(data["observed"][:n_images], data["ctf"][:n_images], local_rounds=3)
     pred, true = rotations.double().numpy(), data["rotations"][:n_images].double().numpy()
     return float(np.median(rotation_errors_deg(align_poses(pred, true).apply(pred), true)))
 
@@ -310,7 +322,7 @@ def identifiability(star: str) -> None:
         observed, ctf = data["observed"][:, :count], data["ctf"][:, :count]
         moved = recentre(observed, coords, data["shifts_px"][:, None])[:, 0] * ctf[..., None]
         points = (coords * em.grid_size) @ data["rotations"][:, :2, :]
-        em.sums = friedel_symmetrise(insert_slices(torch.cat((moved, ctf.square()[..., None]), -1), points,
+        em.sums[0] = friedel_symmetrise(insert_slices(torch.cat((moved, ctf.square()[..., None]), -1), points,
                                                    em.grid_size))
         em._update_map(count)
         print(f"radius {radius} px ({count} points): median rotation error {median_error_deg(em, data, 400):.1f} deg",
