@@ -62,25 +62,11 @@ def _quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     ], dim=-1).reshape(*q.shape[:-1], 3, 3)
 
 
-def ctf_from_parameters(parameters: torch.Tensor, size: int) -> torch.Tensor:
-    """CTF images (B, D, D) from (B, 9) parameters, as ``cryofire.train.data.ctf_from_parameters`` computes them
-    (float64, then float32). Repeated here so that the benchmarks import only ``cryofire.model`` and
-    ``cryofire.physics`` (torch and numpy): ``cryofire.train`` pulls in the file readers (mrcfile, starfile), which a
-    bare GPU image may lack."""
-    p = parameters.double()
-    ctf = physics.ctf_for_images(
-        size, p[:, 0], device=parameters.device, dtype=torch.float64,
-        defocus_u_angstrom=p[:, 1], defocus_v_angstrom=p[:, 2], defocus_angle_deg=p[:, 3], voltage_kv=p[:, 4],
-        cs_mm=p[:, 5], amplitude_contrast=p[:, 6], phase_shift_deg=p[:, 7], bfactor_angstrom2=p[:, 8],
-    )
-    return ctf.float()
-
-
 def model_inputs(model: CryoFireModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(images, ctf, given-pose kwargs) as ``cryofire.train.loop.training_step`` builds them (CTF from parameters
     on the device, every step)."""
     images = batch["images"]
-    ctf = ctf_from_parameters(batch["ctf_parameters"], images.shape[-1])
+    ctf = physics.ctf_from_parameters(batch["ctf_parameters"], images.shape[-1])
     given = {}
     if model.config.pose_mode != "abinit":
         given = {"given_rotations": batch["rotations"], "given_shifts_px": batch["origins_px"]}

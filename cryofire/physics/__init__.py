@@ -12,6 +12,7 @@ from cryofire.physics.backprojection import (
 from cryofire.physics.fast_insert import FastInserter as FastInserter
 from cryofire.physics.ctf import (
     compute_ctf as compute_ctf,
+    ctf_from_parameters as ctf_from_parameters,
     ctf_for_images as ctf_for_images,
     electron_wavelength_angstrom as electron_wavelength_angstrom,
 )

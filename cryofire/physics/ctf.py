@@ -105,3 +105,18 @@ def ctf_for_images(
     pixel_size = torch.as_tensor(pixel_size_angstrom, dtype=freqs_px.dtype, device=freqs_px.device)
     freqs_per_angstrom = freqs_px / pixel_size[..., None, None, None]
     return compute_ctf(freqs_per_angstrom, **params)
+
+
+def ctf_from_parameters(parameters: torch.Tensor, size: int) -> torch.Tensor:
+    """CTF images (B, D, D) float32 from parameter rows (B, 9), computed in float64 on the rows' device.
+
+    Row order: pixel size (Å), defocus U and V (Å), astigmatism angle (deg), voltage (kV), Cs (mm), amplitude
+    contrast, phase shift (deg), B-factor (Å^2) -- the RELION columns of ``cryofire.train.data.CTF_PARAMETER_COLUMNS``.
+    """
+    p = parameters.double()
+    ctf = ctf_for_images(
+        size, p[:, 0], device=parameters.device, dtype=torch.float64,
+        defocus_u_angstrom=p[:, 1], defocus_v_angstrom=p[:, 2], defocus_angle_deg=p[:, 3], voltage_kv=p[:, 4],
+        cs_mm=p[:, 5], amplitude_contrast=p[:, 6], phase_shift_deg=p[:, 7], bfactor_angstrom2=p[:, 8],
+    )
+    return ctf.float()

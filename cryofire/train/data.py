@@ -12,6 +12,7 @@ import torch
 
 from cryofire import physics
 from cryofire.io import ImageSource
+from cryofire.physics import ctf_from_parameters as ctf_from_parameters  # CTF images of a batch's parameter rows
 
 CTF_PARAMETER_COLUMNS = (
     "rlnImagePixelSize", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
@@ -31,17 +32,6 @@ def table_poses(table: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
     rotations = physics.euler_to_matrix(*angles).float()
     origins = table[list(ORIGIN_COLUMNS)].to_numpy(np.float64) / table["rlnImagePixelSize"].to_numpy()[:, None]
     return rotations, torch.from_numpy(origins).float()
-
-
-def ctf_from_parameters(parameters: torch.Tensor, size: int) -> torch.Tensor:
-    """CTF images (B, D, D) from rows of CTF_PARAMETER_COLUMNS (B, 9), on the parameters' device."""
-    p = parameters.double()
-    ctf = physics.ctf_for_images(
-        size, p[:, 0], device=parameters.device, dtype=torch.float64,
-        defocus_u_angstrom=p[:, 1], defocus_v_angstrom=p[:, 2], defocus_angle_deg=p[:, 3], voltage_kv=p[:, 4],
-        cs_mm=p[:, 5], amplitude_contrast=p[:, 6], phase_shift_deg=p[:, 7], bfactor_angstrom2=p[:, 8],
-    )
-    return ctf.float()
 
 
 class ParticleImages(torch.utils.data.Dataset):
