@@ -10,7 +10,7 @@
 #   2. bench/throughput.py --gpu-sweep (about 4 minutes).
 set -euo pipefail
 out=${1:?output folder}
-device=${DEVICE:-cuda}      # DEVICE=cpu N_TRAIN=300 EPOCHS=1 SKIP_SWEEP=1: a dry run of the script on a CPU
+device=${DEVICE:-cuda}      # DEVICE=cpu N_TRAIN=300 EPOCHS=1 SKIP_SWEEP=1: a dry run on a CPU; SWEEP_BUDGET_S (120)
 n_train=${N_TRAIN:-4000}
 epochs=${EPOCHS:-3}
 mkdir -p "$out"
@@ -67,4 +67,4 @@ print(json.dumps(summary, indent=1))
 json.dump(summary, open(f"{out}/cuda_training.json", "w"), indent=1)
 EOF
 echo "training path: $(( $(date +%s) - started )) s"
-[ -n "${SKIP_SWEEP:-}" ] || python3 bench/throughput.py --gpu-sweep --time-budget-s 230 --out "$out/throughput_gpu.json" | tee "$out/throughput_gpu.md"
+[ -n "${SKIP_SWEEP:-}" ] || python3 bench/throughput.py --gpu-sweep --time-budget-s "${SWEEP_BUDGET_S:-120}" --out "$out/throughput_gpu.json" | tee "$out/throughput_gpu.md"
