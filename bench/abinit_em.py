@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from cryofire.model.image_formation import HalfPlaneLattice, recentre
-from cryofire.physics import fft3_centered, ifft3_centered, random_rotations
+from cryofire.model.pose_search import shift_grid
+from cryofire.physics import axis_angle_to_matrix, fft3_centered, ifft3_centered, random_rotations
 from cryofire.physics.lattice import frequency_grid_3d
 
 
@@ -84,14 +85,6 @@ def friedel_symmetrise(grid: torch.Tensor) -> torch.Tensor:
     sign = torch.ones(grid.shape[0], 1, 1, 1, device=grid.device)
     sign[1] = -1.0
     return grid + sign * mirrored
-
-
-def shift_grid_px(max_shift_px: float, step_px: float) -> torch.Tensor:
-    """Shifts (T, 2) in px on a square grid of ``step_px`` within a disk of ``max_shift_px``."""
-    steps = int(math.floor(max_shift_px / step_px + 1e-9))
-    axis = torch.arange(-steps, steps + 1, dtype=torch.float32) * step_px
-    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).reshape(-1, 2)
-    return grid[grid.norm(dim=-1) <= max_shift_px + 1e-6]
 
 
 def pose_scores(observed: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor, coords: torch.Tensor,
@@ -162,7 +155,7 @@ class StochasticEM:
         observed, ctf = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
         rotations = random_rotations(self.config.rotations, generator=self.generator).float().to(self.device)
         points, slices = self._slices(rotations, count)
-        shifts = shift_grid_px(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
+        shifts = shift_grid(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
         if self.shell_variance is None:  # start from the data's own power: a cautious (flat) posterior
             self.shell_variance = self._per_shell(observed.square().sum(-1).mean(0), count)
         sigma = self.shell_variance[self.shell[:count]].sqrt()[:, None]
@@ -240,7 +233,7 @@ class StochasticEM:
         observed, ctf = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
         coords = self.lattice.coords[:count]
         rotations = random_rotations(n_rotations, generator=self.generator).float().to(self.device)
-        shifts = shift_grid_px(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
+        shifts = shift_grid(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
         scores = pose_scores(observed, ctf, self._slices(rotations, count)[1], coords, shifts)
         best = scores.flatten(1).argmin(1)
         hypothesis = best // len(shifts)
@@ -261,8 +254,6 @@ class StochasticEM:
     def _local_search(self, volume_ft: torch.Tensor, observed: torch.Tensor, ctf: torch.Tensor, coords: torch.Tensor,
                       rotations: torch.Tensor, shifts: torch.Tensor, angle_deg: float, step_px: float, candidates: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        from cryofire.physics import axis_angle_to_matrix
-
         batch = len(observed)
         axis_angle = torch.randn(batch, candidates, 3, generator=self.generator).to(self.device)
         axis_angle *= math.radians(angle_deg) / math.sqrt(3)
