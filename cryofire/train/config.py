@@ -42,7 +42,11 @@ class TrainConfig:
         log_every_steps: steps between lines of log.jsonl.
         search_fraction: ab initio only: fraction of the planned images during which a global pose search
             against the current map teaches the encoder (0 = pure amortized training, as in cryoFIRE).
-        search_every_images: images between two pose searches (0 = twice per epoch).
+        teacher: what gives the encoder its pose targets while ``search_fraction`` lasts: "em" (a classical ab
+            initio run once before training: stochastic EM with two class maps, then refinement to Nyquist;
+            :mod:`cryofire.model.em_init`) or "search" (a global search against the model's own map, repeated).
+        em_iterations: minibatch iterations of the "em" teacher's stochastic EM (64 images each).
+        search_every_images: images between two pose searches (0 = twice per epoch; "search" teacher).
         search_rotations: random rotations scored per search.
         search_max_radius_px: highest frequency radius (lattice px) used by the search.
         datadir: folder the image paths are relative to (default: the particle file's folder).
@@ -63,6 +67,8 @@ class TrainConfig:
     grad_clip: float = 0.0
     log_every_steps: int = 50
     search_fraction: float = 0.0
+    teacher: str = "em"
+    em_iterations: int = 700
     search_every_images: int = 0
     search_rotations: int = 8192
     search_max_radius_px: float = 8.0
@@ -76,7 +82,8 @@ class TrainConfig:
             "poses": self.poses in POSE_MODES, "val_fraction": 0.0 <= self.val_fraction <= 0.5,
             "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
             "log_every_steps": self.log_every_steps >= 1, "search_fraction": 0.0 <= self.search_fraction <= 1.0,
-            "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
+            "teacher": self.teacher in ("em", "search"),
+            "em_iterations": self.em_iterations >= 1, "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
             "search_max_radius_px": self.search_max_radius_px >= 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]

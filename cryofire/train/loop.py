@@ -43,7 +43,8 @@ from cryofire.train.distributed import (
     wait_for_all,
 )
 from cryofire.train.predict import predict_dataset, rotation_error_summary, save_predictions
-from cryofire.train.teacher import PoseTeacher, target_rotation_error
+from cryofire.model.em_init import EMConfig
+from cryofire.train.teacher import EMTeacher, PoseTeacher, target_rotation_error
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before training stops
@@ -112,7 +113,10 @@ class Trainer:
             self.forward_model = self.wrap_data_parallel()
         self.epoch, self.images_seen, self.bad_steps = 0, 0, 0
         self.teacher = None
-        if config.poses == "abinit" and config.search_fraction > 0:
+        if config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em":
+            self.teacher = EMTeacher(len(self.table), model_config.planned_images, config.search_fraction,
+                                     EMConfig(iterations=config.em_iterations, seed=config.seed))
+        elif config.poses == "abinit" and config.search_fraction > 0:
             self.teacher = PoseTeacher(len(self.table), model_config.planned_images, config.search_fraction,
                                        config.search_every_images or max(len(train_rows) // 2, 1),
                                        config.search_rotations, config.search_max_radius_px, config.seed)

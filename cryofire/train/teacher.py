@@ -7,12 +7,14 @@ the next search. The targets are part of the checkpoint, so a resumed run contin
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import torch
 
 from cryofire.model import CryoFireModel, frequency_radius_px
+from cryofire.model.em_init import EMConfig, initial_poses
 from cryofire.model.image_formation import observed_spectrum
 from cryofire.model.pose_search import (
     best_poses,
@@ -73,6 +75,79 @@ class PoseTeacher:
 
     def load_state(self, state: dict) -> None:
         self.rotations, self.shifts_px, self.round = state["rotations"], state["shifts_px"], int(state["round"])
+
+
+class EMTeacher(PoseTeacher):
+    """Targets from the classical ab initio of :mod:`cryofire.model.em_init` (stochastic EM, then refinement),
+    computed once before the first step, for the training images (at most ``max_images`` of them take part in the
+    EM and refinement; the others are assigned against the final class maps)."""
+
+    def __init__(self, n_rows: int, planned_images: int, fraction: float, config: EMConfig,
+                 max_images: int = 20_000) -> None:
+        super().__init__(n_rows, planned_images, fraction, 1, 0, 0.0, config.seed)
+        self.config, self.max_images = config, max_images
+        self.classes = torch.zeros(n_rows, dtype=torch.long)
+
+    def due(self, images_seen: int) -> bool:
+        return self.active(images_seen) and self.round < 0
+
+    @torch.no_grad()
+    def search(self, model: CryoFireModel, dataset: ParticleImages, images_seen: int, device: torch.device,
+               batch_size: int, num_workers: int) -> dict[str, float]:
+        started = time.time()
+        size = model.config.box_size
+        count = model.lattice.count_within(size / 2)
+        generator = np.random.default_rng(self.config.seed)
+        chosen = np.sort(generator.permutation(len(dataset))[: self.max_images])
+        observed, ctf = _spectra(model, ParticleImages(dataset.table, dataset.rows[chosen]), count, device,
+                                 batch_size, num_workers)
+        em, rotations, shifts, classes = initial_poses(observed, ctf, size, self.config, device, _log_progress)
+        rows = torch.from_numpy(dataset.rows[chosen])
+        self._store(rows, rotations, shifts, classes)
+        rest = np.setdiff1d(np.arange(len(dataset)), chosen)
+        if len(rest):
+            loader = make_loader(ParticleImages(dataset.table, dataset.rows[rest]), batch_size, False, 0, 0,
+                                 num_workers, device.type == "cuda")
+            for batch in loader:
+                spectra, weights = _batch_spectra(model, batch, count, device)
+                rotations, shifts, classes, _ = em.assign(spectra, weights, size / 2)
+                self._store(batch["index"], rotations, shifts, classes)
+        self.round = 0
+        sizes = torch.bincount(self.classes[torch.from_numpy(dataset.rows)], minlength=self.config.classes)
+        return {"search_seconds": time.time() - started, "search_radius_px": size / 2,
+                "em_class_sizes": sizes.tolist()}
+
+    def _store(self, rows: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor, classes: torch.Tensor
+               ) -> None:
+        self.rotations[rows], self.shifts_px[rows], self.classes[rows] = rotations.cpu(), shifts.cpu(), classes.cpu()
+
+    def state(self) -> dict:
+        return {**super().state(), "classes": self.classes}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.classes = state["classes"]
+
+
+def _batch_spectra(model: CryoFireModel, batch: dict, count: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windowed spectra (B, count, 2) and CTF (B, count) of a batch at the model's first half-plane points."""
+    images = batch["images"].to(device) * model.window
+    ctf = ctf_from_parameters(batch["ctf_parameters"].to(device), images.shape[-1])
+    return observed_spectrum(images, model.lattice, count), model.lattice.gather(ctf, count)
+
+
+def _spectra(model: CryoFireModel, dataset: ParticleImages, count: int, device: torch.device, batch_size: int,
+             num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = make_loader(dataset, batch_size, False, 0, 0, num_workers, device.type == "cuda")
+    parts = [_batch_spectra(model, batch, count, device) for batch in loader]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _log_progress(stage: str, info: dict) -> None:
+    logging.getLogger(__name__).info("EM initialisation, %s: %s", stage,
+                                     ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in info.items()))
 
 
 def target_rotation_error(teacher: PoseTeacher, true_rotations: torch.Tensor, rows: np.ndarray) -> float:

@@ -1,0 +1,385 @@
+"""Classical ab initio poses and classes, to teach the amortized encoder where to start.
+
+Why: an encoder trained through the image loss alone did not find poses at SNR 0.1 in a few hundred thousand
+images (docs/method.md), while the images do carry the information (with the true maps, a 4° rotation costs a
+typical D=32 image ~10 units of log-likelihood; bench/RESULTS.md). Classical ab initio (cryoSPARC's SGD, RELION's
+initial model) finds it by comparing each image with projections in many orientations. This module does that in
+two stages, and the trainer uses the result as the encoder's pose targets during the first phase of training
+(``--init em``):
+
+1. **Stochastic EM** (:class:`StochasticEM`) on minibatches, at low resolution (radius ``start`` -> ``end`` px):
+   ``K`` class maps on a 2x zero-padded Fourier grid (trilinear slices of an unpadded map are inaccurate). E step:
+   posterior weights over (class, rotation, shift) hypotheses -- fresh random rotations plus perturbations of the
+   image's last best rotation (its *memory*: without it the posterior cannot resolve poses finer than the random
+   grid) -- tempered by ``beta`` rising to 1, under a per-shell noise variance re-estimated from the residuals.
+   M step: the weighted, CTF-multiplied spectra are inserted by the exact adjoint of the trilinear slice; the sums
+   decay by ``1 - forgetting`` (online EM), the map is their Wiener ratio, masked by a soft sphere.
+2. **Refinement** (:func:`refine`): every image's best pose near its current one in every class map and its best
+   class, then the maps rebuilt from these hard assignments; repeated while the radius grows to Nyquist.
+
+Spectra are the model's half-plane lattice values (``HalfPlaneLattice``, scaled by 1/D) of the windowed images;
+rotations are RELION matrices (slice point ``A^T k``); shifts are re-centring shifts in px (RELION origin sign).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cryofire.model.image_formation import HalfPlaneLattice, recentre
+from cryofire.model.pose_search import shift_grid
+from cryofire.physics import axis_angle_to_matrix, fft3_centered, ifft3_centered, random_rotations
+from cryofire.physics.lattice import frequency_grid_3d
+
+PADDING = 2  # the maps live on (2D)^3 grids
+
+
+@dataclass(frozen=True)
+class EMConfig:
+    """Schedule of the EM initialisation (radii in lattice px of the training box D; angles in degrees)."""
+
+    iterations: int = 700
+    batch_size: int = 64
+    classes: int = 2
+    rotations: int = 2048
+    local_candidates: int = 64
+    local_angle_deg: float = 10.0
+    start_radius_px: float = 3.0
+    end_radius_px: float = 8.0
+    max_shift_px: float = 3.0
+    shift_step_px: float = 1.0
+    forgetting_start: float = 0.2
+    forgetting_end: float = 0.02
+    beta_start: float = 0.01
+    beta_end: float = 1.0
+    wiener: float = 0.1
+    mask_fraction: float = 0.85
+    refine_rounds: int = 6
+    seed: int = 0
+
+
+def sample_slices(channels: torch.Tensor, points_px: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of a centred (C, G, G, G) grid at lattice offsets (J, n, 3) (x, y, z): (J, n, C)."""
+    size = channels.shape[-1]
+    grid = ((points_px + size // 2) * (2.0 / (size - 1)) - 1.0)[None, :, :, None, :]
+    sampled = torch.nn.functional.grid_sample(channels[None], grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=True)
+    return sampled[0, :, :, :, 0].permute(1, 2, 0)
+
+
+def insert_slices(values: torch.Tensor, points_px: torch.Tensor, size: int) -> torch.Tensor:
+    """Adjoint of :func:`sample_slices`: values (J, n, C) spread onto a (C, G, G, G) grid of side ``size``."""
+    grid = torch.zeros(values.shape[-1], size, size, size, device=values.device, requires_grad=True)
+    with torch.enable_grad():
+        sampled = sample_slices(grid, points_px)
+        (inserted,) = torch.autograd.grad(sampled, grid, values)
+    return inserted
+
+
+def friedel_symmetrise(grid: torch.Tensor) -> torch.Tensor:
+    """``g(k) + conj(g(-k))`` for centred (C, G, G, G) grids with channels (Re, Im, weight): Im is odd."""
+    mirrored = torch.roll(torch.flip(grid, dims=(-3, -2, -1)), shifts=(1, 1, 1), dims=(-3, -2, -1))
+    sign = torch.ones(grid.shape[0], 1, 1, 1, device=grid.device)
+    sign[1] = -1.0
+    return grid + sign * mirrored
+
+
+def fit_scores(observed: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor, coords: torch.Tensor,
+               shifts_px: torch.Tensor) -> torch.Tensor:
+    """``sum_k |c_ik P_hk - Y_ik(t)|^2 - |Y_i|^2`` for every image, hypothesis h and shift t: (B, H, T).
+
+    Args:
+        observed: (B, n, 2) spectra; ctf: (B, n); coords: (n, 2) cycles/px;
+        slices: (H, n, 2) shared by all images, or (B, H, n, 2) per image;
+        shifts_px: (T, 2) or (B, T, 2) re-centring shifts.
+    """
+    batch = observed.shape[0]
+    shifts = shifts_px.expand(batch, -1, -1) if shifts_px.dim() == 2 else shifts_px
+    moved = recentre(observed, coords, shifts) * ctf[:, None, :, None]  # (B, T, n, 2)
+    if slices.dim() == 3:
+        power = ctf.square() @ slices.square().sum(-1).T  # (B, H)
+        cross = torch.einsum("btnc,hnc->bht", moved, slices)
+    else:
+        power = (slices.square().sum(-1) * ctf[:, None].square()).sum(-1)
+        cross = torch.einsum("btnc,bhnc->bht", moved, slices)
+    return power[:, :, None] - 2.0 * cross
+
+
+class StochasticEM:
+    """Class maps, their running sums, the noise spectrum and each image's remembered rotation."""
+
+    def __init__(self, box_size: int, n_images: int, config: EMConfig, device: torch.device | str = "cpu") -> None:
+        self.size, self.config, self.device = box_size, config, torch.device(device)
+        self.grid_size = grid = PADDING * box_size
+        self.lattice = HalfPlaneLattice(box_size).to(self.device)
+        self.sums = torch.zeros(config.classes, 3, grid, grid, grid, device=self.device)  # Re, Im, weight
+        self.volume_ft = torch.zeros(config.classes, grid, grid, grid, dtype=torch.complex64, device=self.device)
+        self.shell = self.lattice.radius_px.round().long()  # (M,) shell of each half-plane point
+        self.shell_variance: torch.Tensor | None = None  # (D // 2 + 1,)
+        self.iteration = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.memory = random_rotations(n_images, generator=self.generator).float().to(self.device)
+        self.radius_px_3d = frequency_grid_3d(grid, device=self.device).norm(dim=-1) * box_size
+        offsets = torch.arange(grid, device=self.device, dtype=torch.float32) - grid // 2
+        real_radius = (offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None] ** 2).sqrt()
+        edge = config.mask_fraction * box_size / 2
+        self.mask = 0.5 * (1 + torch.cos(math.pi * ((real_radius - edge) / 3.0).clamp(0, 1)))
+
+    # --- schedule -------------------------------------------------------------------------------------------------
+    def _progress(self) -> float:
+        return min(self.iteration / max(self.config.iterations - 1, 1), 1.0)
+
+    def radius_px(self) -> float:
+        cfg = self.config
+        return cfg.start_radius_px + (cfg.end_radius_px - cfg.start_radius_px) * self._progress()
+
+    def _forgetting(self) -> float:
+        cfg = self.config
+        return cfg.forgetting_start * (cfg.forgetting_end / cfg.forgetting_start) ** self._progress()
+
+    def _beta(self) -> float:
+        return self.config.beta_start + (self.config.beta_end - self.config.beta_start) * self._progress()
+
+    # --- slices ---------------------------------------------------------------------------------------------------
+    def _points(self, rotations: torch.Tensor, count: int) -> torch.Tensor:
+        """Padded-grid lattice points ``A^T k`` (..., count, 3) of rotations (..., 3, 3)."""
+        return (self.lattice.coords[:count] * self.grid_size) @ rotations[..., :2, :]
+
+    def _class_slices(self, points: torch.Tensor) -> torch.Tensor:
+        """Every class map at points (J, n, 3): (K * J, n, 2), class-major."""
+        return torch.cat([sample_slices(torch.view_as_real(v).permute(3, 0, 1, 2), points) for v in self.volume_ft])
+
+    # --- EM -------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def iterate(self, observed: torch.Tensor, ctf: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
+        """One E and M step on a minibatch: spectra (B, M, 2) and CTF (B, M) at the lattice's first M points
+        (M >= the current count) of the images ``rows`` (B,); returns diagnostics."""
+        cfg = self.config
+        count = self.lattice.count_within(self.radius_px())
+        coords = self.lattice.coords[:count]
+        observed, ctf, rows = observed[:, :count].to(self.device), ctf[:, :count].to(self.device), rows.to(self.device)
+        batch = len(observed)
+        global_rotations = random_rotations(cfg.rotations, generator=self.generator).float().to(self.device)
+        axis_angle = torch.randn(batch, cfg.local_candidates, 3, generator=self.generator).to(self.device)
+        axis_angle *= math.radians(cfg.local_angle_deg) / math.sqrt(3)
+        local_rotations = axis_angle_to_matrix(axis_angle) @ self.memory[rows][:, None]  # (B, L, 3, 3)
+        global_points = self._points(global_rotations, count)  # (J, n, 3)
+        local_points = self._points(local_rotations, count).reshape(-1, count, 3)  # (B * L, n, 3)
+        shifts = shift_grid(cfg.max_shift_px, cfg.shift_step_px).to(self.device)
+        if self.shell_variance is None:  # start from the data's own power: a cautious (flat) posterior
+            self.shell_variance = self._per_shell(observed.square().sum(-1).mean(0), count)
+        sigma = self.shell_variance[self.shell[:count]].sqrt()[:, None]
+        if self.iteration == 0:  # no map yet: each image at its remembered (random) rotation, unshifted
+            weights = torch.zeros(batch, cfg.classes, cfg.rotations + cfg.local_candidates, len(shifts),
+                                  device=self.device)
+            klass = torch.randint(0, cfg.classes, (batch,), generator=self.generator).to(self.device)
+            weights[torch.arange(batch), klass, cfg.rotations, shifts.norm(dim=-1).argmin()] = 1.0
+        else:
+            global_slices = self._class_slices(global_points)  # (K * J, n, 2)
+            local_slices = self._class_slices(local_points).reshape(cfg.classes, batch, -1, count, 2)
+            scores = torch.cat((
+                fit_scores(observed / sigma, ctf, global_slices / sigma, coords, shifts).reshape(
+                    batch, cfg.classes, cfg.rotations, -1),
+                fit_scores(observed / sigma, ctf, local_slices.transpose(0, 1).flatten(1, 2) / sigma, coords,
+                           shifts).reshape(batch, cfg.classes, cfg.local_candidates, -1)), dim=2)
+            weights = torch.softmax(-self._beta() * scores.flatten(1), dim=-1).reshape(scores.shape)
+            self._update_shell_variance(observed, ctf, scores, global_slices, local_slices, shifts, count)
+        best = weights.sum((1, 3)).argmax(1)  # (B,) over global then local rotations
+        is_local = best >= cfg.rotations
+        chosen_local = local_rotations[torch.arange(batch), (best - cfg.rotations).clamp_min(0)]
+        self.memory[rows] = torch.where(is_local[:, None, None], chosen_local,
+                                        global_rotations[best.clamp_max(cfg.rotations - 1)])
+        self._maximise(observed, ctf, weights, global_points, local_points, shifts, count)
+        self.iteration += 1
+        return {"radius_px": float(self.lattice.radius_px[count - 1]), "beta": self._beta(),
+                "max_weight_median": float(weights.flatten(1).max(1).values.median())}
+
+    def _per_shell(self, values: torch.Tensor, count: int) -> torch.Tensor:
+        """Mean of per-point values (n,) in each radius shell: (D // 2 + 1,); empty outer shells copy the last."""
+        shells = self.size // 2 + 1
+        total = torch.zeros(shells, device=self.device).index_add_(0, self.shell[:count], values)
+        number = torch.zeros(shells, device=self.device).index_add_(0, self.shell[:count], torch.ones_like(values))
+        mean = total / number.clamp_min(1)
+        last = int(self.shell[count - 1])
+        mean[last + 1:] = mean[last]
+        return mean
+
+    def _update_shell_variance(self, observed: torch.Tensor, ctf: torch.Tensor, scores: torch.Tensor,
+                               global_slices: torch.Tensor, local_slices: torch.Tensor, shifts: torch.Tensor,
+                               count: int) -> None:
+        """Running per-shell mean squared residual at each image's most likely hypothesis (RELION's sigma2 noise
+        spectrum, here including the maps' misfit)."""
+        batch, classes, hypotheses, n_shifts = scores.shape
+        best = scores.flatten(1).argmin(1)
+        shift = shifts[best % n_shifts]
+        klass, rotation = (best // n_shifts) // hypotheses, (best // n_shifts) % hypotheses
+        n_global = self.config.rotations
+        from_global = global_slices.reshape(classes, n_global, count, 2)[klass, rotation.clamp_max(n_global - 1)]
+        from_local = local_slices[klass, torch.arange(batch), (rotation - n_global).clamp_min(0)]
+        slices = torch.where((rotation >= n_global)[:, None, None], from_local, from_global)
+        moved = recentre(observed, self.lattice.coords[:count], shift[:, None])[:, 0]
+        residual = (moved - ctf[..., None] * slices).square().sum(-1).mean(0)  # (n,)
+        self.shell_variance = 0.5 * self.shell_variance + 0.5 * self._per_shell(residual, count)
+
+    def _maximise(self, observed: torch.Tensor, ctf: torch.Tensor, weights: torch.Tensor,
+                  global_points: torch.Tensor, local_points: torch.Tensor, shifts: torch.Tensor, count: int) -> None:
+        """Weights (B, K, J + L, T): add the weighted spectra to the decayed sums and rebuild the maps."""
+        cfg = self.config
+        batch = len(observed)
+        moved = recentre(observed, self.lattice.coords[:count], shifts.expand(batch, -1, -1)) * ctf[:, None, :, None]
+        global_w, local_w = weights[:, :, :cfg.rotations], weights[:, :, cfg.rotations:]
+        global_values = torch.cat((torch.einsum("bkjt,btnc->kjnc", global_w, moved),
+                                   torch.einsum("bkj,bn->kjn", global_w.sum(-1), ctf.square())[..., None]), -1)
+        local_values = torch.cat((torch.einsum("bklt,btnc->kblnc", local_w, moved),
+                                  (local_w.sum(-1).permute(1, 0, 2)[..., None] * ctf.square()[None, :, None])[..., None]),
+                                 -1).flatten(1, 2)  # (K, B * L, n, 3)
+        values = torch.cat((global_values, local_values), 1)
+        points = torch.cat((global_points, local_points))
+        self.sums.mul_(1.0 - self._forgetting())
+        for k in range(cfg.classes):
+            self.sums[k].add_(friedel_symmetrise(insert_slices(values[k], points, self.grid_size)))
+        self.update_maps(count)
+
+    def update_maps(self, count: int) -> None:
+        """Class maps = Wiener ratio of the sums, masked in real space, zero beyond the fitted radius."""
+        radius = float(self.lattice.radius_px[count - 1])
+        inside = self.radius_px_3d <= radius + 1.0
+        for k, sums in enumerate(self.sums):
+            regulariser = self.config.wiener * sums[2][inside].mean().clamp_min(1e-12)
+            volume_ft = torch.complex(sums[0], sums[1]) / (sums[2] + regulariser)
+            volume = ifft3_centered(volume_ft * inside).real * self.mask
+            self.volume_ft[k] = (fft3_centered(volume) * inside).to(torch.complex64)
+
+    # --- assignment and refinement -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def assign(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 4096,
+               local_rounds: int = 3, candidates: int = 48) -> tuple[torch.Tensor, ...]:
+        """Most likely pose and class of each image (spectra (B, M, 2), CTF (B, M)) at ``radius_px``: a global
+        search over ``n_rotations`` random rotations and the shift grid, then local searches in the winning class.
+
+        Returns rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,) (:func:`fit_scores`).
+        """
+        count = self.lattice.count_within(radius_px)
+        observed, ctf = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
+        coords = self.lattice.coords[:count]
+        rotations = random_rotations(n_rotations, generator=self.generator).float().to(self.device)
+        shifts = shift_grid(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
+        scores = fit_scores(observed, ctf, self._class_slices(self._points(rotations, count)), coords, shifts)
+        best = scores.flatten(1).argmin(1)
+        hypothesis = best // len(shifts)
+        classes = hypothesis // n_rotations
+        best_r, best_t = rotations[hypothesis % n_rotations], shifts[best % len(shifts)]
+        best_score = scores.flatten(1).min(1).values
+        angle_deg = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))
+        for k in range(self.config.classes):
+            mine = classes == k
+            if mine.any():
+                best_r[mine], best_t[mine], best_score[mine] = self.local_search(
+                    k, observed[mine], ctf[mine], best_r[mine], best_t[mine], angle_deg,
+                    self.config.shift_step_px, local_rounds, candidates)
+        return best_r, best_t, classes, best_score
+
+    def local_search(self, klass: int, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+                     shifts: torch.Tensor, angle_deg: float, step_px: float, rounds: int, candidates: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rounds`` of random rotation perturbations (within ``angle_deg``, halving) x a 5-point shift stencil
+        (``step_px``, halving) around each image's pose in one class map; keeps the best (the current pose is
+        always a candidate). Returns rotations (B, 3, 3), shifts (B, 2) and scores (B,)."""
+        count = observed.shape[1]
+        coords = self.lattice.coords[:count]
+        channels = torch.view_as_real(self.volume_ft[klass]).permute(3, 0, 1, 2)
+        batch = len(observed)
+        index = torch.arange(batch, device=self.device)
+        stencil = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1]], device=self.device)
+        for _ in range(rounds):
+            axis_angle = torch.randn(batch, candidates, 3, generator=self.generator).to(self.device)
+            axis_angle *= math.radians(angle_deg) / math.sqrt(3)
+            axis_angle[:, 0] = 0.0
+            trial = axis_angle_to_matrix(axis_angle) @ rotations[:, None]  # (B, C, 3, 3)
+            trial_shifts = shifts[:, None] + stencil * step_px  # (B, S, 2)
+            slices = sample_slices(channels, self._points(trial, count).reshape(-1, count, 3))
+            scores = fit_scores(observed, ctf, slices.reshape(batch, candidates, count, 2), coords, trial_shifts)
+            score, best = scores.flatten(1).min(1)
+            rotations = trial[index, best // len(stencil)]
+            shifts = trial_shifts[index, best % len(stencil)]
+            angle_deg, step_px = angle_deg / 2, step_px / 2
+        return rotations, shifts, score
+
+
+@torch.no_grad()
+def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+           shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, start_angle_deg: float = 8.0,
+           rounds: int = 3, candidates: int = 48, global_rotations: int = 4096, chunk: int = 500
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round of refinement at ``radius_px``: rebuild each class map from the hard assignments (rotations
+    (N, 3, 3), shifts (N, 2) px, classes (N,)), then move every image to the best of: its best pose near the current
+    one in every class map, and the result of a fresh global search (``global_rotations`` random rotations, 0 for
+    none; it rescues images the earlier stages put in a wrong basin). Returns new rotations, shifts and classes."""
+    count = em.lattice.count_within(radius_px)
+    coords = em.lattice.coords[:count]
+    em.sums.zero_()
+    for part in torch.arange(len(observed)).split(chunk):
+        spectra, weights = observed[part, :count].to(em.device), ctf[part, :count].to(em.device)
+        moved = recentre(spectra, coords, shifts[part][:, None])[:, 0] * weights[..., None]
+        values = torch.cat((moved, weights.square()[..., None]), -1)
+        points = em._points(rotations[part], count)
+        for k in range(em.config.classes):
+            mine = classes[part] == k
+            em.sums[k] += friedel_symmetrise(insert_slices(values[mine], points[mine], em.grid_size))
+    em.update_maps(count)
+    best_score = torch.full((len(observed),), math.inf, device=em.device)
+    new_r, new_t, new_c = rotations.clone(), shifts.clone(), classes.clone()
+    for part in torch.arange(len(observed)).split(chunk):
+        spectra, weights = observed[part, :count].to(em.device), ctf[part, :count].to(em.device)
+        for k in range(em.config.classes):
+            r, t, score = em.local_search(k, spectra, weights, rotations[part], shifts[part], start_angle_deg,
+                                          em.config.shift_step_px / 2, rounds, candidates)
+            better = score < best_score[part]
+            best_score[part] = torch.where(better, score, best_score[part])
+            index = part[better]
+            new_r[index], new_t[index], new_c[index] = r[better], t[better], k
+        if global_rotations:
+            r, t, c, score = em.assign(spectra, weights, radius_px, global_rotations)
+            better = score < best_score[part]
+            best_score[part] = torch.where(better, score, best_score[part])
+            index = part[better]
+            new_r[index], new_t[index], new_c[index] = r[better], t[better], c[better]
+    return new_r, new_t, new_c
+
+
+def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
+                  device: torch.device | str = "cpu", progress: Callable[[str, dict], None] | None = None
+                  ) -> tuple[StochasticEM, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ab initio poses and classes of a set of images: stochastic EM at low resolution, a global assignment, then
+    ``refine_rounds`` refinement rounds with the radius growing from ``end_radius_px`` to Nyquist (D / 2).
+
+    Args:
+        observed: (N, M, 2) spectra at the first M half-plane points (M covering Nyquist), ``observed_spectrum``
+            of the windowed images.
+        ctf: (N, M) CTF values there.
+        progress: called with a stage name and diagnostics every 100 EM iterations and after every stage.
+
+    Returns the EM state (its maps are those of the last round) and the rotations (N, 3, 3) RELION matrices,
+    re-centring shifts (N, 2) px and classes (N,) of the images, on ``device``.
+    """
+    em = StochasticEM(box_size, len(observed), config, device)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    report = progress or (lambda stage, info: None)
+    for iteration in range(config.iterations):
+        rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
+        info = em.iterate(observed[rows], ctf[rows], rows)
+        if iteration % 100 == 99:
+            report("em", {"iteration": iteration + 1, **info})
+    parts = [em.assign(observed[part], ctf[part], config.end_radius_px)
+             for part in torch.arange(len(observed)).split(500)]
+    rotations, shifts, classes, _ = (torch.cat(values) for values in zip(*parts))
+    report("assign", {"radius_px": config.end_radius_px})
+    rounds = max(config.refine_rounds, 1)
+    for index in range(rounds):
+        radius = config.end_radius_px + (box_size / 2 - config.end_radius_px) * min(index / max(rounds - 2, 1), 1.0)
+        rotations, shifts, classes = refine(em, observed, ctf, rotations, shifts, classes, radius)
+        report("refine", {"round": index + 1, "radius_px": radius})
+    return em, rotations, shifts, classes
