@@ -10,7 +10,15 @@ import torch
 
 from cryofire import physics
 from cryofire.evaluate import rotation_errors_deg
-from cryofire.model.em_init import EMConfig, StochasticEM, insert_slices, refine, sample_slices
+from cryofire.model.em_init import (
+    EMConfig,
+    StochasticEM,
+    align_to_first_class,
+    in_first_class_frame,
+    insert_slices,
+    refine,
+    sample_slices,
+)
 from cryofire.model.image_formation import observed_spectrum
 from cryofire.simulate import SimulationConfig, simulate_dataset
 from cryofire.simulate.dataset import ImageModel, draw_metadata
@@ -72,3 +80,31 @@ def test_training_with_the_em_teacher_logs_its_targets(particles, tmp_path):
     assert len(searches) == 1 and sum(searches[0]["em_class_sizes"]) == 128
     assert 0.0 <= searches[0]["target_rotation_error_median_deg"] <= 180.0
     assert (run / "poses.star").exists()
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_poses_of_a_class_in_another_frame_are_re_expressed_in_the_first(mirrored):
+    """Images whose class-1 poses live in a rotated (and mirrored) frame get their true poses back."""
+    size, n_images = 16, 60
+    config = SimulationConfig(n_images=n_images, box_size=size, pixel_size_angstrom=10.0, snr=10.0, shift_std_px=0.0,
+                              state_weights=[1.0, 0.0], seed=4)
+    table = draw_metadata(config)
+    model = ImageModel(config, table)
+    em = StochasticEM(size, n_images, EMConfig(classes=2, max_shift_px=0.0))
+    padded = torch.nn.functional.pad(model.true_volume(state=0).float(), (size // 2,) * 6)
+    em.volume_ft[0] = physics.fft3_centered(padded).to(torch.complex64) / size
+    count = em.lattice.count_within(size / 2)
+    observed = observed_spectrum(model.clean_images(np.arange(n_images)).float(), em.lattice, count)
+    parameters = torch.tensor(table[list(CTF_PARAMETER_COLUMNS)].to_numpy(np.float32))
+    ctf = em.lattice.gather(ctf_from_parameters(parameters, size), count)
+    truth = physics.euler_to_matrix(
+        *(torch.tensor(table[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))).float()
+    q = physics.axis_angle_to_matrix(torch.tensor([0.3, -0.5, 0.4]))
+    mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0]))
+    in_class_1 = mirror @ truth @ q @ mirror if mirrored else truth @ q
+    classes = torch.ones(n_images, dtype=torch.long)
+
+    alignments = align_to_first_class(em, observed, ctf, in_class_1, classes, radius_px=6)
+    assert alignments[1][1] == mirrored
+    back = in_first_class_frame(in_class_1, classes, alignments)
+    assert np.median(rotation_errors_deg(back.double().numpy(), truth.double().numpy())) < 3.0

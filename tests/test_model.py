@@ -162,6 +162,19 @@ def test_forward_shapes_and_gradients_reach_encoder_and_decoder() -> None:
     assert model.decoder.feature_positions_px.grad is None
 
 
+def test_class_targets_pull_the_first_latents_to_centred_one_hot_vectors() -> None:
+    model = CryoFireModel(small_config())
+    images, ctf = torch.randn(6, BOX, BOX), make_ctf(6)
+    classes = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 0, 1, 0]), 2)
+    rotations = physics.random_rotations(6, generator=torch.Generator().manual_seed(0)).float()
+    out = model(images, ctf, images_seen=900, target_rotations=rotations, target_shifts_px=torch.zeros(6, 2),
+                target_classes=classes)
+    expected = (out["z"][:, :2] - (classes - 0.5)).square().sum(-1).mean()
+    assert torch.allclose(out["class_loss"], expected)
+    out["class_loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.conformation_head.parameters())
+
+
 def test_encode_returns_one_hypothesis_per_head_and_path() -> None:
     model = CryoFireModel(small_config(num_pose_heads=3))
     hypotheses = model.encode(torch.randn(2, BOX, BOX))

@@ -55,6 +55,9 @@ class ModelConfig:
         pose_target_weight: weight of the encoder's pose-regression loss while a pose search
             teaches it (chordal distance of rotations plus squared shift error in units of the
             shift bound), against the data loss.
+        class_target_weight: weight of the encoder's latent loss while a classical ab initio teaches it
+            classes (``--teacher em``): squared error of the first K latent coordinates to the class's centred
+            one-hot vector (one-hot minus 1/K), K classes.
     """
 
     box_size: int
@@ -82,6 +85,7 @@ class ModelConfig:
     pose_only_fraction: float = 0.25
     pose_only_z_std: float = 1.0
     pose_target_weight: float = 1.0
+    class_target_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 16 <= self.box_size <= 512:

@@ -168,6 +168,7 @@ class CryoFireModel(nn.Module):
         given_shifts_px: torch.Tensor | None = None,
         target_rotations: torch.Tensor | None = None,
         target_shifts_px: torch.Tensor | None = None,
+        target_classes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One step's loss and the winning pose of each image.
 
@@ -181,6 +182,8 @@ class CryoFireModel(nn.Module):
                 is fitted at these poses and the encoder learns to predict them
                 (:mod:`cryofire.model.pose_search`).
             target_shifts_px: (B, 2) shifts found by the pose search.
+            target_classes: (B, K) one-hot classes from a classical ab initio: the encoder's first K latent
+                coordinates learn the centred one-hot vector (``class_target_weight``).
 
         Returns:
             dict with ``loss`` (scalar to minimise), ``data_loss``, ``kl`` (scalars),
@@ -221,7 +224,17 @@ class CryoFireModel(nn.Module):
         if pose_loss is not None:
             out["pose_loss"] = pose_loss.min(dim=1).values.mean()
             out["loss"] = out["loss"] + self.config.pose_target_weight * out["pose_loss"]
+        if target_classes is not None and self.config.zdim:
+            out["class_loss"] = self._class_target_loss(out["z"], target_classes)
+            out["loss"] = out["loss"] + self.config.class_target_weight * out["class_loss"]
         return out
+
+    @staticmethod
+    def _class_target_loss(z: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the first K latent coordinates (B, zdim) to the centred one-hot classes (B, K)."""
+        dims = min(target_classes.shape[1], z.shape[1])
+        target = target_classes.float() - 1.0 / target_classes.shape[1]
+        return (z[:, :dims].float() - target[:, :dims]).square().sum(-1).mean()
 
     def _pose_target_loss(
         self, hyp: Hypotheses, target_rotations: torch.Tensor, target_shifts_px: torch.Tensor

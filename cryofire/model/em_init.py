@@ -14,8 +14,12 @@ two stages, and the trainer uses the result as the encoder's pose targets during
    grid) -- tempered by ``beta`` rising to 1, under a per-shell noise variance re-estimated from the residuals.
    M step: the weighted, CTF-multiplied spectra are inserted by the exact adjoint of the trilinear slice; the sums
    decay by ``1 - forgetting`` (online EM), the map is their Wiener ratio, masked by a soft sphere.
-2. **Refinement** (:func:`refine`): every image's best pose near its current one in every class map and its best
-   class, then the maps rebuilt from these hard assignments; repeated while the radius grows to Nyquist.
+2. **One frame**: the class maps grew from random starts, each in its own orientation and hand; the poses of each
+   class are re-expressed in class 0's frame, found by searching some of its images in class 0's map
+   (:func:`align_to_first_class`).
+3. **Refinement** (:func:`refine`): the maps rebuilt from hard assignments, then every image's best pose near its
+   current one in every class map, or from a fresh global search, and its best class; repeated while the radius
+   grows to Nyquist.
 
 Spectra are the model's half-plane lattice values (``HalfPlaneLattice``, scaled by 1/D) of the windowed images;
 rotations are RELION matrices (slice point ``A^T k``); shifts are re-centring shifts in px (RELION origin sign).
@@ -57,6 +61,8 @@ class EMConfig:
     beta_end: float = 1.0
     wiener: float = 0.1
     mask_fraction: float = 0.85
+    split_fraction: float = 0.3
+    split_iterations: int = 20
     refine_rounds: int = 6
     seed: int = 0
 
@@ -148,9 +154,10 @@ class StochasticEM:
         """Padded-grid lattice points ``A^T k`` (..., count, 3) of rotations (..., 3, 3)."""
         return (self.lattice.coords[:count] * self.grid_size) @ rotations[..., :2, :]
 
-    def _class_slices(self, points: torch.Tensor) -> torch.Tensor:
-        """Every class map at points (J, n, 3): (K * J, n, 2), class-major."""
-        return torch.cat([sample_slices(torch.view_as_real(v).permute(3, 0, 1, 2), points) for v in self.volume_ft])
+    def _class_slices(self, points: torch.Tensor, classes: range | list[int] | None = None) -> torch.Tensor:
+        """The class maps (default all) at points (J, n, 3): (K * J, n, 2), class-major."""
+        volumes = self.volume_ft if classes is None else self.volume_ft[list(classes)]
+        return torch.cat([sample_slices(torch.view_as_real(v).permute(3, 0, 1, 2), points) for v in volumes])
 
     # --- EM -------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,6 +193,10 @@ class StochasticEM:
                 fit_scores(observed / sigma, ctf, local_slices.transpose(0, 1).flatten(1, 2) / sigma, coords,
                            shifts).reshape(batch, cfg.classes, cfg.local_candidates, -1)), dim=2)
             weights = torch.softmax(-self._beta() * scores.flatten(1), dim=-1).reshape(scores.shape)
+            if 0 <= self.iteration - self._split_iteration() < cfg.split_iterations:  # break the classes' symmetry
+                klass = torch.randint(0, cfg.classes, (batch,), generator=self.generator).to(self.device)
+                weights = weights * torch.nn.functional.one_hot(klass, cfg.classes)[:, :, None, None]
+                weights = weights / weights.sum((1, 2, 3), keepdim=True).clamp_min(1e-30)
             self._update_shell_variance(observed, ctf, scores, global_slices, local_slices, shifts, count)
         best = weights.sum((1, 3)).argmax(1)  # (B,) over global then local rotations
         is_local = best >= cfg.rotations
@@ -241,7 +252,12 @@ class StochasticEM:
         self.sums.mul_(1.0 - self._forgetting())
         for k in range(cfg.classes):
             self.sums[k].add_(friedel_symmetrise(insert_slices(values[k], points, self.grid_size)))
+        if self.iteration < self._split_iteration():  # one shared map: every class in the same frame
+            self.sums[:] = self.sums.mean(0, keepdim=True)
         self.update_maps(count)
+
+    def _split_iteration(self) -> int:
+        return int(self.config.split_fraction * self.config.iterations)
 
     def update_maps(self, count: int) -> None:
         """Class maps = Wiener ratio of the sums, masked in real space, zero beyond the fitted radius."""
@@ -256,9 +272,11 @@ class StochasticEM:
     # --- assignment and refinement -------------------------------------------------------------------------------
     @torch.no_grad()
     def assign(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 4096,
-               local_rounds: int = 3, candidates: int = 48) -> tuple[torch.Tensor, ...]:
+               local_rounds: int = 3, candidates: int = 48, only_class: int | None = None
+               ) -> tuple[torch.Tensor, ...]:
         """Most likely pose and class of each image (spectra (B, M, 2), CTF (B, M)) at ``radius_px``: a global
-        search over ``n_rotations`` random rotations and the shift grid, then local searches in the winning class.
+        search over ``n_rotations`` random rotations and the shift grid, then local searches in the winning class
+        (or in ``only_class``).
 
         Returns rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,) (:func:`fit_scores`).
         """
@@ -267,10 +285,12 @@ class StochasticEM:
         coords = self.lattice.coords[:count]
         rotations = random_rotations(n_rotations, generator=self.generator).float().to(self.device)
         shifts = shift_grid(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
-        scores = fit_scores(observed, ctf, self._class_slices(self._points(rotations, count)), coords, shifts)
+        searched = range(self.config.classes) if only_class is None else [only_class]
+        slices = self._class_slices(self._points(rotations, count), searched)
+        scores = fit_scores(observed, ctf, slices, coords, shifts)
         best = scores.flatten(1).argmin(1)
         hypothesis = best // len(shifts)
-        classes = hypothesis // n_rotations
+        classes = torch.as_tensor(list(searched), device=self.device)[hypothesis // n_rotations]
         best_r, best_t = rotations[hypothesis % n_rotations], shifts[best % len(shifts)]
         best_score = scores.flatten(1).min(1).values
         angle_deg = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))
@@ -310,14 +330,10 @@ class StochasticEM:
 
 
 @torch.no_grad()
-def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
-           shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, start_angle_deg: float = 8.0,
-           rounds: int = 3, candidates: int = 48, global_rotations: int = 4096, chunk: int = 500
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One round of refinement at ``radius_px``: rebuild each class map from the hard assignments (rotations
-    (N, 3, 3), shifts (N, 2) px, classes (N,)), then move every image to the best of: its best pose near the current
-    one in every class map, and the result of a fresh global search (``global_rotations`` random rotations, 0 for
-    none; it rescues images the earlier stages put in a wrong basin). Returns new rotations, shifts and classes."""
+def reconstruct(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+                shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, chunk: int = 500) -> None:
+    """Rebuild ``em``'s class maps within ``radius_px`` from hard assignments: rotations (N, 3, 3), shifts (N, 2)
+    px and classes (N,) of the images with spectra (N, M, 2) and CTF (N, M)."""
     count = em.lattice.count_within(radius_px)
     coords = em.lattice.coords[:count]
     em.sums.zero_()
@@ -330,6 +346,19 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
             mine = classes[part] == k
             em.sums[k] += friedel_symmetrise(insert_slices(values[mine], points[mine], em.grid_size))
     em.update_maps(count)
+
+
+@torch.no_grad()
+def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+           shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, start_angle_deg: float = 8.0,
+           rounds: int = 3, candidates: int = 48, global_rotations: int = 4096, chunk: int = 500
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round of refinement at ``radius_px``: rebuild each class map from the hard assignments (rotations
+    (N, 3, 3), shifts (N, 2) px, classes (N,)), then move every image to the best of: its best pose near the current
+    one in every class map, and the result of a fresh global search (``global_rotations`` random rotations, 0 for
+    none; it rescues images the earlier stages put in a wrong basin). Returns new rotations, shifts and classes."""
+    reconstruct(em, observed, ctf, rotations, shifts, classes, radius_px, chunk)
+    count = em.lattice.count_within(radius_px)
     best_score = torch.full((len(observed),), math.inf, device=em.device)
     new_r, new_t, new_c = rotations.clone(), shifts.clone(), classes.clone()
     for part in torch.arange(len(observed)).split(chunk):
@@ -348,6 +377,45 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
             index = part[better]
             new_r[index], new_t[index], new_c[index] = r[better], t[better], c[better]
     return new_r, new_t, new_c
+
+
+@torch.no_grad()
+def align_to_first_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+                         classes: torch.Tensor, radius_px: float, max_images: int = 2000
+                         ) -> list[tuple[torch.Tensor, bool]]:
+    """Rotation R (3, 3) and hand taking each class's poses into class 0's frame, ``A' = (M A M) R`` with M the
+    mirror z -> -z when the hand differs: the classes grow from random starts, each in its own frame and hand.
+
+    Found from the images, not the maps (the maps differ by the conformational change, which misleads a map-to-map
+    fit): up to ``max_images`` images of class k are searched globally in class 0's map at ``radius_px``, and
+    R is the consensus of ``A_k^T A_0`` over them (:func:`cryofire.evaluate.align_poses`, robust to outliers).
+    Class 0 gets (identity, False)."""
+    from cryofire.evaluate import align_poses
+
+    result = [(torch.eye(3, device=em.device), False)]
+    for k in range(1, em.config.classes):
+        mine = (classes == k).nonzero().squeeze(-1)[:max_images]
+        if len(mine) < 3:
+            result.append((torch.eye(3, device=em.device), False))
+            continue
+        in_first = torch.cat([em.assign(observed[part], ctf[part], radius_px, only_class=0)[0]
+                              for part in mine.split(500)])
+        alignment = align_poses(rotations[mine].double().cpu().numpy(), in_first.double().cpu().numpy())
+        result.append((torch.from_numpy(alignment.rotation).float().to(em.device), alignment.mirrored_hand))
+    return result
+
+
+def in_first_class_frame(rotations: torch.Tensor, classes: torch.Tensor,
+                         alignments: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
+    """Poses (N, 3, 3) of images in class k re-expressed in class 0's frame, ``A' = A R`` or, when the hands differ,
+    ``A' = M A M R`` (M = diag(1, 1, -1)), with (R, mirrored) from :func:`align_to_first_class`."""
+    mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rotations.device))
+    result = rotations.clone()
+    for k, (rotation, mirrored) in enumerate(alignments):
+        mine = classes == k
+        poses = mirror @ rotations[mine] @ mirror if mirrored else rotations[mine]
+        result[mine] = poses @ rotation
+    return result
 
 
 def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
@@ -376,6 +444,9 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     parts = [em.assign(observed[part], ctf[part], config.end_radius_px)
              for part in torch.arange(len(observed)).split(500)]
     rotations, shifts, classes, _ = (torch.cat(values) for values in zip(*parts))
+    if config.split_fraction == 0:
+        alignments = align_to_first_class(em, observed, ctf, rotations, classes, config.end_radius_px)
+        rotations = in_first_class_frame(rotations, classes, alignments)
     report("assign", {"radius_px": config.end_radius_px})
     rounds = max(config.refine_rounds, 1)
     for index in range(rounds):

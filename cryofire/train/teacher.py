@@ -117,6 +117,10 @@ class EMTeacher(PoseTeacher):
         return {"search_seconds": time.time() - started, "search_radius_px": size / 2,
                 "em_class_sizes": sizes.tolist()}
 
+    def targets(self, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        classes = torch.nn.functional.one_hot(self.classes[rows], self.config.classes)
+        return {**super().targets(rows, device), "target_classes": classes.to(device)}
+
     def _store(self, rows: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor, classes: torch.Tensor
                ) -> None:
         self.rotations[rows], self.shifts_px[rows], self.classes[rows] = rotations.cpu(), shifts.cpu(), classes.cpu()
