@@ -73,18 +73,26 @@ def identifiability(star: str) -> None:
               f"{median_error_deg(rotations, data['rotations'][:400]):.1f} deg", flush=True)
 
 
-def run_em(star: str, config: EMConfig, n_images: int) -> None:
+def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None) -> None:
     """The whole initialisation (EM, assignment, refinement) on the first images, with the error at each stage."""
     data = load_spectra(star, n_images)
     started = time.time()
 
-    def progress(stage: str, info: dict) -> None:
-        print(f"{stage} {info} {time.time() - started:.0f} s", flush=True)
+    def progress(stage: str, info: dict, poses: tuple | None) -> None:
+        line = f"{stage} {info}"
+        if poses is not None:
+            rotations, _, classes = poses
+            agreement = float(np.mean(classes.numpy() == data["states"]))
+            per_class = [median_error_deg(rotations[classes == k], data["rotations"][classes == k])
+                         for k in range(config.classes) if (classes == k).sum() > 10]
+            line += (f": median rotation error {median_error_deg(rotations, data['rotations']):.2f} deg (each class "
+                     f"aligned alone: {', '.join(f'{e:.2f}' for e in per_class)}), class agreement "
+                     f"{max(agreement, 1 - agreement):.4f}")
+            if save:
+                torch.save({"rotations": rotations, "shifts": poses[1], "classes": classes}, save)
+        print(f"{line}, {time.time() - started:.0f} s", flush=True)
 
-    _, rotations, _, classes = initial_poses(data["observed"], data["ctf"], data["size"], config, "cpu", progress)
-    agreement = float(np.mean(classes.numpy() == data["states"]))
-    print(f"final: median rotation error {median_error_deg(rotations, data['rotations']):.2f} deg, class agreement "
-          f"{max(agreement, 1 - agreement):.4f}, {time.time() - started:.0f} s", flush=True)
+    initial_poses(data["observed"], data["ctf"], data["size"], config, "cpu", progress)
 
 
 def main() -> None:
@@ -95,6 +103,7 @@ def main() -> None:
     parser.add_argument("what", choices=("identifiability", "em"))
     parser.add_argument("--star", required=True, help="preprocessed particles with true poses (simulated)")
     parser.add_argument("--n-images", type=int, default=10_000)
+    parser.add_argument("--save", help="write the poses and classes of every stage here (torch.save)")
     for field in dataclasses.fields(EMConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args()
@@ -102,7 +111,7 @@ def main() -> None:
         identifiability(args.star)
     else:
         run_em(args.star, EMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EMConfig)}),
-               args.n_images)
+               args.n_images, args.save)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,12 @@ class PoseAlignment:
         return hand @ pred @ hand @ self.rotation
 
 
-def align_poses(pred: np.ndarray, true: np.ndarray) -> PoseAlignment:
-    """Best global rotation and hand, found on up to 20,000 images."""
+def align_poses(pred: np.ndarray, true: np.ndarray, hands: tuple[bool, ...] = (False, True)) -> PoseAlignment:
+    """Best global rotation and hand (among ``hands``: mirrored or not), found on up to 20,000 images."""
     rng = np.random.default_rng(1)
     subset = rng.choice(len(pred), size=min(_SEARCH_IMAGES, len(pred)), replace=False)
     best = None
-    for mirrored in (False, True):
+    for mirrored in hands:
         hand = _HAND_FLIP if mirrored else np.eye(3)
         q, median = _best_alignment(hand @ pred[subset] @ hand, true[subset])
         if best is None or median < best[0]:

@@ -82,9 +82,8 @@ def test_training_with_the_em_teacher_logs_its_targets(particles, tmp_path):
     assert (run / "poses.star").exists()
 
 
-@pytest.mark.parametrize("mirrored", [False, True])
-def test_poses_of_a_class_in_another_frame_are_re_expressed_in_the_first(mirrored):
-    """Images whose class-1 poses live in a rotated (and mirrored) frame get their true poses back."""
+def test_poses_of_a_class_in_a_rotated_frame_are_re_expressed_in_the_first():
+    """Images whose class-1 poses live in a frame turned by 12 degrees get their true poses back."""
     size, n_images = 16, 60
     config = SimulationConfig(n_images=n_images, box_size=size, pixel_size_angstrom=10.0, snr=10.0, shift_std_px=0.0,
                               state_weights=[1.0, 0.0], seed=4)
@@ -99,12 +98,9 @@ def test_poses_of_a_class_in_another_frame_are_re_expressed_in_the_first(mirrore
     ctf = em.lattice.gather(ctf_from_parameters(parameters, size), count)
     truth = physics.euler_to_matrix(
         *(torch.tensor(table[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))).float()
-    q = physics.axis_angle_to_matrix(torch.tensor([0.3, -0.5, 0.4]))
-    mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0]))
-    in_class_1 = mirror @ truth @ q @ mirror if mirrored else truth @ q
+    turn = physics.axis_angle_to_matrix(torch.tensor([0.1, -0.15, 0.12]))  # 12 degrees
     classes = torch.ones(n_images, dtype=torch.long)
 
-    alignments = align_to_first_class(em, observed, ctf, in_class_1, classes, radius_px=6)
-    assert alignments[1][1] == mirrored
-    back = in_first_class_frame(in_class_1, classes, alignments)
-    assert np.median(rotation_errors_deg(back.double().numpy(), truth.double().numpy())) < 3.0
+    alignments = align_to_first_class(em, observed, ctf, truth @ turn, torch.zeros(n_images, 2), classes, 6)
+    back = in_first_class_frame(truth @ turn, classes, alignments)
+    assert np.median(rotation_errors_deg(back.double().numpy(), truth.double().numpy())) < 2.0

@@ -14,8 +14,9 @@ two stages, and the trainer uses the result as the encoder's pose targets during
    grid) -- tempered by ``beta`` rising to 1, under a per-shell noise variance re-estimated from the residuals.
    M step: the weighted, CTF-multiplied spectra are inserted by the exact adjoint of the trilinear slice; the sums
    decay by ``1 - forgetting`` (online EM), the map is their Wiener ratio, masked by a soft sphere.
-2. **One frame**: the class maps grew from random starts, each in its own orientation and hand; the poses of each
-   class are re-expressed in class 0's frame, found by searching some of its images in class 0's map
+2. **One frame**: the classes share one map for the first ``split_fraction`` of the iterations, then split (a few
+   iterations of random hard class assignments break the symmetry), so all start in one frame; as they drift apart
+   by some degrees, each refinement round re-expresses the poses of every class in class 0's frame
    (:func:`align_to_first_class`).
 3. **Refinement** (:func:`refine`): the maps rebuilt from hard assignments, then every image's best pose near its
    current one in every class map, or from a fresh global search, and its best class; repeated while the radius
@@ -351,12 +352,13 @@ def reconstruct(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rot
 @torch.no_grad()
 def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
            shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, start_angle_deg: float = 8.0,
-           rounds: int = 3, candidates: int = 48, global_rotations: int = 4096, chunk: int = 500
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           rounds: int = 3, candidates: int = 48, global_rotations: int = 4096, global_radius_px: float = 10.0,
+           chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One round of refinement at ``radius_px``: rebuild each class map from the hard assignments (rotations
     (N, 3, 3), shifts (N, 2) px, classes (N,)), then move every image to the best of: its best pose near the current
-    one in every class map, and the result of a fresh global search (``global_rotations`` random rotations, 0 for
-    none; it rescues images the earlier stages put in a wrong basin). Returns new rotations, shifts and classes."""
+    one in every class map, and the result of a fresh global search (``global_rotations`` random rotations at up to
+    ``global_radius_px``, then local searches at the full radius; 0 rotations for none): it rescues images the
+    earlier stages put in a wrong basin. Returns new rotations, shifts and classes."""
     reconstruct(em, observed, ctf, rotations, shifts, classes, radius_px, chunk)
     count = em.lattice.count_within(radius_px)
     best_score = torch.full((len(observed),), math.inf, device=em.device)
@@ -371,7 +373,14 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
             index = part[better]
             new_r[index], new_t[index], new_c[index] = r[better], t[better], k
         if global_rotations:
-            r, t, c, score = em.assign(spectra, weights, radius_px, global_rotations)
+            r, t, c, _ = em.assign(spectra, weights, min(radius_px, global_radius_px), global_rotations)
+            score = torch.empty(len(part), device=em.device)
+            for k in range(em.config.classes):  # scored (and polished) at the full radius, like the local results
+                mine = c == k
+                if mine.any():
+                    r[mine], t[mine], score[mine] = em.local_search(
+                        k, spectra[mine], weights[mine], r[mine], t[mine], start_angle_deg / 2,
+                        em.config.shift_step_px / 2, rounds, candidates)
             better = score < best_score[part]
             best_score[part] = torch.where(better, score, best_score[part])
             index = part[better]
@@ -381,45 +390,44 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
 
 @torch.no_grad()
 def align_to_first_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
-                         classes: torch.Tensor, radius_px: float, max_images: int = 2000
-                         ) -> list[tuple[torch.Tensor, bool]]:
-    """Rotation R (3, 3) and hand taking each class's poses into class 0's frame, ``A' = (M A M) R`` with M the
-    mirror z -> -z when the hand differs: the classes grow from random starts, each in its own frame and hand.
-
-    Found from the images, not the maps (the maps differ by the conformational change, which misleads a map-to-map
-    fit): up to ``max_images`` images of class k are searched globally in class 0's map at ``radius_px``, and
-    R is the consensus of ``A_k^T A_0`` over them (:func:`cryofire.evaluate.align_poses`, robust to outliers).
-    Class 0 gets (identity, False)."""
+                         shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, angle_deg: float = 20.0,
+                         max_images: int = 2000) -> list[torch.Tensor]:
+    """Rotation R (3, 3) taking each class's poses into class 0's frame, ``A' = A R``: after the split the class
+    maps drift apart by some degrees, and a map-to-map fit is misled by the conformational change. So up to
+    ``max_images`` images of class k are searched in class 0's map near their own pose (random perturbations within
+    ``angle_deg``, halving over four rounds), and R is the robust consensus of ``A_k^T A_0`` over them
+    (:func:`cryofire.evaluate.align_poses`, same hand). Class 0 gets the identity."""
     from cryofire.evaluate import align_poses
 
-    result = [(torch.eye(3, device=em.device), False)]
+    count = em.lattice.count_within(radius_px)
+    result = [torch.eye(3, device=em.device)]
     for k in range(1, em.config.classes):
         mine = (classes == k).nonzero().squeeze(-1)[:max_images]
         if len(mine) < 3:
-            result.append((torch.eye(3, device=em.device), False))
+            result.append(torch.eye(3, device=em.device))
             continue
-        in_first = torch.cat([em.assign(observed[part], ctf[part], radius_px, only_class=0)[0]
-                              for part in mine.split(500)])
-        alignment = align_poses(rotations[mine].double().cpu().numpy(), in_first.double().cpu().numpy())
-        result.append((torch.from_numpy(alignment.rotation).float().to(em.device), alignment.mirrored_hand))
+        spectra, weights = observed[mine, :count].to(em.device), ctf[mine, :count].to(em.device)
+        in_first, _, _ = em.local_search(0, spectra, weights, rotations[mine], shifts[mine], angle_deg,
+                                         em.config.shift_step_px, 4, 64)
+        alignment = align_poses(rotations[mine].double().cpu().numpy(), in_first.double().cpu().numpy(),
+                                hands=(False,))
+        result.append(torch.from_numpy(alignment.rotation).float().to(em.device))
     return result
 
 
-def in_first_class_frame(rotations: torch.Tensor, classes: torch.Tensor,
-                         alignments: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
-    """Poses (N, 3, 3) of images in class k re-expressed in class 0's frame, ``A' = A R`` or, when the hands differ,
-    ``A' = M A M R`` (M = diag(1, 1, -1)), with (R, mirrored) from :func:`align_to_first_class`."""
-    mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], device=rotations.device))
+def in_first_class_frame(rotations: torch.Tensor, classes: torch.Tensor, alignments: list[torch.Tensor]
+                         ) -> torch.Tensor:
+    """Poses (N, 3, 3) of images in class k re-expressed in class 0's frame, ``A' = A R_k``
+    (:func:`align_to_first_class`)."""
     result = rotations.clone()
-    for k, (rotation, mirrored) in enumerate(alignments):
+    for k, rotation in enumerate(alignments):
         mine = classes == k
-        poses = mirror @ rotations[mine] @ mirror if mirrored else rotations[mine]
-        result[mine] = poses @ rotation
+        result[mine] = rotations[mine] @ rotation
     return result
 
 
 def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
-                  device: torch.device | str = "cpu", progress: Callable[[str, dict], None] | None = None
+                  device: torch.device | str = "cpu", progress: Callable[[str, dict, tuple | None], None] | None = None
                   ) -> tuple[StochasticEM, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ab initio poses and classes of a set of images: stochastic EM at low resolution, a global assignment, then
     ``refine_rounds`` refinement rounds with the radius growing from ``end_radius_px`` to Nyquist (D / 2).
@@ -428,29 +436,29 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
         observed: (N, M, 2) spectra at the first M half-plane points (M covering Nyquist), ``observed_spectrum``
             of the windowed images.
         ctf: (N, M) CTF values there.
-        progress: called with a stage name and diagnostics every 100 EM iterations and after every stage.
+        progress: called with a stage name, diagnostics and the current (rotations, shifts, classes) (None during
+            the EM) every 100 EM iterations and after every later stage.
 
     Returns the EM state (its maps are those of the last round) and the rotations (N, 3, 3) RELION matrices,
     re-centring shifts (N, 2) px and classes (N,) of the images, on ``device``.
     """
     em = StochasticEM(box_size, len(observed), config, device)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    report = progress or (lambda stage, info: None)
+    report = progress or (lambda stage, info, poses: None)
     for iteration in range(config.iterations):
         rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
         info = em.iterate(observed[rows], ctf[rows], rows)
         if iteration % 100 == 99:
-            report("em", {"iteration": iteration + 1, **info})
+            report("em", {"iteration": iteration + 1, **info}, None)
     parts = [em.assign(observed[part], ctf[part], config.end_radius_px)
              for part in torch.arange(len(observed)).split(500)]
     rotations, shifts, classes, _ = (torch.cat(values) for values in zip(*parts))
-    if config.split_fraction == 0:
-        alignments = align_to_first_class(em, observed, ctf, rotations, classes, config.end_radius_px)
-        rotations = in_first_class_frame(rotations, classes, alignments)
-    report("assign", {"radius_px": config.end_radius_px})
+    report("assign", {"radius_px": config.end_radius_px}, (rotations, shifts, classes))
     rounds = max(config.refine_rounds, 1)
     for index in range(rounds):
         radius = config.end_radius_px + (box_size / 2 - config.end_radius_px) * min(index / max(rounds - 2, 1), 1.0)
         rotations, shifts, classes = refine(em, observed, ctf, rotations, shifts, classes, radius)
-        report("refine", {"round": index + 1, "radius_px": radius})
+        alignments = align_to_first_class(em, observed, ctf, rotations, shifts, classes, radius)
+        rotations = in_first_class_frame(rotations, classes, alignments)
+        report("refine", {"round": index + 1, "radius_px": radius}, (rotations, shifts, classes))
     return em, rotations, shifts, classes

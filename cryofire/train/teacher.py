@@ -148,7 +148,7 @@ def _spectra(model: CryoFireModel, dataset: ParticleImages, count: int, device: 
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _log_progress(stage: str, info: dict) -> None:
+def _log_progress(stage: str, info: dict, poses: tuple | None) -> None:
     logging.getLogger(__name__).info("EM initialisation, %s: %s", stage,
                                      ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in info.items()))
