@@ -338,7 +338,7 @@ def reconstruct(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rot
     count = em.lattice.count_within(radius_px)
     coords = em.lattice.coords[:count]
     em.sums.zero_()
-    for part in torch.arange(len(observed)).split(chunk):
+    for part in torch.arange(len(observed), device=em.device).split(chunk):
         spectra, weights = observed[part, :count].to(em.device), ctf[part, :count].to(em.device)
         moved = recentre(spectra, coords, shifts[part][:, None])[:, 0] * weights[..., None]
         values = torch.cat((moved, weights.square()[..., None]), -1)
@@ -363,7 +363,7 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
     count = em.lattice.count_within(radius_px)
     best_score = torch.full((len(observed),), math.inf, device=em.device)
     new_r, new_t, new_c = rotations.clone(), shifts.clone(), classes.clone()
-    for part in torch.arange(len(observed)).split(chunk):
+    for part in torch.arange(len(observed), device=em.device).split(chunk):
         spectra, weights = observed[part, :count].to(em.device), ctf[part, :count].to(em.device)
         for k in range(em.config.classes):
             r, t, score = em.local_search(k, spectra, weights, rotations[part], shifts[part], start_angle_deg,
@@ -451,7 +451,7 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
         if iteration % 100 == 99:
             report("em", {"iteration": iteration + 1, **info}, None)
     parts = [em.assign(observed[part], ctf[part], config.end_radius_px)
-             for part in torch.arange(len(observed)).split(500)]
+             for part in torch.arange(len(observed), device=em.device).split(500)]
     rotations, shifts, classes, _ = (torch.cat(values) for values in zip(*parts))
     report("assign", {"radius_px": config.end_radius_px}, (rotations, shifts, classes))
     rounds = max(config.refine_rounds, 1)
