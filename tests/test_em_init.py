@@ -10,6 +10,7 @@ import torch
 
 from cryofire import physics
 from cryofire.evaluate import rotation_errors_deg
+from cryofire.io import read_star
 from cryofire.model.em_init import (
     EMConfig,
     StochasticEM,
@@ -23,6 +24,7 @@ from cryofire.model.image_formation import observed_spectrum
 from cryofire.simulate import SimulationConfig, simulate_dataset
 from cryofire.simulate.dataset import ImageModel, draw_metadata
 from cryofire.train import TrainConfig, train
+from cryofire.train.checkpoint import load_checkpoint
 from cryofire.train.data import CTF_PARAMETER_COLUMNS, ctf_from_parameters
 
 
@@ -72,14 +74,19 @@ def particles(tmp_path_factory) -> str:
 def test_training_with_the_em_teacher_logs_its_targets(particles, tmp_path):
     model = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
              "decoder_depth": 1, "num_fourier_features": 16, "zdim": 2}
-    config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=model, search_fraction=0.5,
+    config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=model, search_fraction=1.0,
                          teacher="em", em_iterations=20)
     run = train(particles, tmp_path / "run", config)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     searches = [r for r in records if r["event"] == "search"]
     assert len(searches) == 1 and sum(searches[0]["em_class_sizes"]) == 128
     assert 0.0 <= searches[0]["target_rotation_error_median_deg"] <= 180.0
-    assert (run / "poses.star").exists()
+    # taught for the whole run: poses.star holds the teacher's poses (RELION angles of its matrices)
+    teacher = load_checkpoint(run / "checkpoint.pt")["teacher"]
+    written = read_star(run / "poses.star", allow_absolute_paths=True)
+    angles = [torch.tensor(written[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
+    matrices = physics.euler_to_matrix(*angles).float()
+    assert torch.allclose(matrices, teacher["rotations"], atol=1e-4)
 
 
 def test_poses_of_a_class_in_a_rotated_frame_are_re_expressed_in_the_first():

@@ -40,8 +40,9 @@ class TrainConfig:
         mixed_precision: bf16 autocast on CUDA (ignored on the CPU).
         grad_clip: clip the gradient norm to this value (0 = off).
         log_every_steps: steps between lines of log.jsonl.
-        search_fraction: ab initio only: fraction of the planned images during which a global pose search
-            against the current map teaches the encoder (0 = pure amortized training, as in cryoFIRE).
+        search_fraction: ab initio only: fraction of the planned images during which a teacher (``teacher``)
+            gives the decoder its poses and the encoder its targets (0 = pure amortized training, as in cryoFIRE;
+            1 = the whole run, and poses.star then holds the teacher's poses of the training images).
         teacher: what gives the encoder its pose targets while ``search_fraction`` lasts: "em" (a classical ab
             initio run once before training: stochastic EM with two class maps, then refinement to Nyquist;
             :mod:`cryofire.model.em_init`) or "search" (a global search against the model's own map, repeated).

@@ -304,11 +304,18 @@ class Trainer:
                                 if k not in ("event", "wall_time")))
 
     def finish(self) -> None:
-        """Predict every image (input order) and write poses.star, latents.npy, weights.pt (rank 0 only)."""
+        """Predict every image (input order) and write poses.star, latents.npy, weights.pt (rank 0 only). With a
+        teacher for the whole run (``search_fraction`` 1) the training images' poses are the teacher's."""
         if not self.launch.is_main:
             return
         everything = ParticleImages(self.table)
         predictions = predict_dataset(self.model, everything, self.images_seen, self.device, self.config)
+        if self.teacher is not None and self.config.search_fraction >= 1.0:
+            # The decoder was fitted at the teacher's poses all along: those are the training images' poses.
+            rows = predictions["index"]
+            taught = np.isin(rows, self.train_set.rows)
+            predictions["rotations"][taught] = self.teacher.rotations[rows[taught]].numpy()
+            predictions["shifts_px"][taught] = self.teacher.shifts_px[rows[taught]].numpy()
         save_predictions(self.run_dir, self.table, predictions)
         weights = {"model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
                    "train_config": self.config.to_dict(), "images_seen": self.images_seen, "data": self.data_info}
