@@ -83,8 +83,8 @@ class TrainConfig:
             "poses": self.poses in POSE_MODES, "val_fraction": 0.0 <= self.val_fraction <= 0.5,
             "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
             "log_every_steps": self.log_every_steps >= 1, "search_fraction": 0.0 <= self.search_fraction <= 1.0,
-            "teacher": self.teacher in ("em", "search"),
-            "em_iterations": self.em_iterations >= 1, "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
+            "teacher": self.teacher in ("em", "search"), "em_iterations": self.em_iterations >= 1,
+            "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
             "search_max_radius_px": self.search_max_radius_px >= 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]

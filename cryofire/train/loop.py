@@ -28,6 +28,7 @@ from tqdm import tqdm
 from cryofire.errors import CryofireError
 from cryofire.io import read_particles
 from cryofire.model import CryoFireModel, ModelConfig
+from cryofire.model.em_init import EMConfig
 from cryofire.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire.train.config import TrainConfig, write_run_config
 from cryofire.train.data import ParticleImages, ctf_from_parameters, has_poses, make_loader
@@ -43,7 +44,6 @@ from cryofire.train.distributed import (
     wait_for_all,
 )
 from cryofire.train.predict import predict_dataset, rotation_error_summary, save_predictions
-from cryofire.model.em_init import EMConfig
 from cryofire.train.teacher import EMTeacher, PoseTeacher, target_rotation_error
 
 CHECKPOINT_NAME = "checkpoint.pt"

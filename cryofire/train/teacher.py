@@ -1,8 +1,10 @@
-"""The pose-search teacher of the first training phase (see :mod:`cryofire.model.pose_search`).
+"""The teachers of the first training phase: pose (and class) targets while fewer than `search_fraction` of the
+planned images have been seen.
 
-Every `search_every_images` images, while fewer than `search_fraction` of the planned images have been seen, all
-training images are scored against the current consensus map; the best poses become the training targets until
-the next search. The targets are part of the checkpoint, so a resumed run continues exactly.
+:class:`PoseTeacher` (``--teacher search``, :mod:`cryofire.model.pose_search`): every `search_every_images` images all
+training images are scored against the current consensus map; the best poses are the targets until the next search.
+:class:`EMTeacher` (``--teacher em``, :mod:`cryofire.model.em_init`): a classical ab initio run once before the first
+step gives poses and classes. The targets are part of the checkpoint, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
