@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from cryofire.evaluate import align_poses, rotation_errors_deg
-from cryofire.model.em_init import EMConfig, StochasticEM, friedel_symmetrise, initial_poses, insert_slices
-from cryofire.model.image_formation import HalfPlaneLattice, recentre
+from cryofire.model.em_init import EMConfig, StochasticEM, initial_poses, reconstruct
+from cryofire.model.image_formation import HalfPlaneLattice
 
 
 def load_spectra(star: str, n_images: int, radius_px: float | None = None) -> dict:
@@ -61,13 +61,9 @@ def identifiability(star: str) -> None:
     for radius in (3, 4, 6, 8, 11, 14):
         em = StochasticEM(data["size"], 0, EMConfig(classes=1, end_radius_px=radius))
         count = em.lattice.count_within(radius)
-        coords = em.lattice.coords[:count]
         observed, ctf = data["observed"][:, :count], data["ctf"][:, :count]
-        moved = recentre(observed, coords, data["shifts_px"][:, None])[:, 0] * ctf[..., None]
-        points = (coords * em.grid_size) @ data["rotations"][:, :2, :]
-        em.sums[0] = friedel_symmetrise(insert_slices(torch.cat((moved, ctf.square()[..., None]), -1), points,
-                                                      em.grid_size))
-        em.update_maps(count)
+        one_class = torch.zeros(len(observed), dtype=torch.long)
+        reconstruct(em, observed, ctf, data["rotations"], data["shifts_px"], one_class, radius)
         rotations = em.assign(observed[:400], ctf[:400], radius)[0]
         print(f"radius {radius} px ({count} points): median rotation error "
               f"{median_error_deg(rotations, data['rotations'][:400]):.1f} deg", flush=True)

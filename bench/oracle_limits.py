@@ -12,64 +12,80 @@ Results in bench/RESULTS.md ("Ab initio by stochastic EM").
 """
 import argparse
 import json
+from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import torch
 
 from cryofire import physics
 from cryofire.simulate.dataset import ImageModel, SimulationConfig, draw_metadata
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--sim", default="/work/bench-data/acc32/sim", help="a `cryofire simulate` output folder")
-parser.add_argument("--n", type=int, default=1000, help="images to classify")
-args = parser.parse_args()
-sim = args.sim
-truth = json.load(open(f"{sim}/truth.json"))
-c = truth["config"]; c["hinge_range_deg"] = tuple(c["hinge_range_deg"])
-cfg = SimulationConfig(**c)
-table = draw_metadata(cfg)
-model = ImageModel(cfg, table)
-n = args.n
-stack = mrcfile.mmap(f"{sim}/stacks/particles_0000.mrcs", permissive=True).data
-noisy = torch.from_numpy(np.array(stack[:n], dtype=np.float32))
-labels = table["rlnClassNumber"].to_numpy()[:n] - 1
-clean = []
-for state in (0, 1):
-    t = table.iloc[:n].copy()
-    t["hinge_deg"] = cfg.hinge_range_deg[state]
-    model.table = t
-    clean.append(torch.cat([model.clean_images(np.arange(i, min(i + 500, n))) for i in range(0, n, 500)]))
-model.table = table
-true_clean = torch.where(torch.from_numpy(labels == 0)[:, None, None], clean[0], clean[1])
-print("noise std est", (noisy - true_clean).std().item(), "expected", truth["noise_std"])
+SIZES = (64, 32, 24, 16)  # the simulated box and the Fourier crops compared
+ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 
-def crop(x, d):
-    f = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
-    D = x.shape[-1]; a = D // 2 - d // 2
-    return f[..., a:a + d, a:a + d]
 
-for name, tf in (("D=64", lambda x: torch.fft.fft2(x)), ("D=32 crop", lambda x: crop(x, 32)), ("D=24 crop", lambda x: crop(x, 24)), ("D=16 crop", lambda x: crop(x, 16))):
-    y = tf(noisy); r = [((y - tf(cl)).abs() ** 2).sum((-2, -1)) for cl in clean]
-    pred = (r[1] < r[0]).numpy().astype(int)
-    err = (pred != labels).mean()
-    print(f"{name}: oracle confusion {100*err:.2f}%  (n={n})")
+def spectra(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centred spectra (B, size, size) of images (B, D, D), Fourier-cropped to ``size``."""
+    return physics.fourier_crop2(physics.fft2_centered(images.double()), size)
 
-# Pose information: expected log-likelihood drop when the rotation is perturbed by delta degrees (true state).
-sigma2 = truth["noise_std"] ** 2
-m = 300
-rng = np.random.default_rng(0)
-base = table.iloc[:m].copy()
-R = physics.euler_to_matrix(*(torch.tensor(base[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
-model.table = base
-clean0 = model.clean_images(np.arange(m))
-for delta in (1.0, 2.0, 4.0, 8.0):
-    axis = torch.from_numpy(rng.normal(size=(m, 3))); axis = axis / axis.norm(dim=1, keepdim=True)
-    Rp = R @ physics.axis_angle_to_matrix(axis * np.deg2rad(delta))
-    rot, tilt, psi = physics.matrix_to_euler(Rp)
-    pert = base.copy(); pert["rlnAngleRot"], pert["rlnAngleTilt"], pert["rlnAnglePsi"] = rot.numpy(), tilt.numpy(), psi.numpy()
-    model.table = pert
-    cp = model.clean_images(np.arange(m))
-    for name, tf, norm in (("D=64", lambda x: torch.fft.fft2(x), 64*64), ("D=32", lambda x: crop(x, 32), 64*64), ("D=16", lambda x: crop(x, 16), 64*64)):
-        dll = ((tf(cp) - tf(clean0)).abs() ** 2).sum((-2, -1)) / norm / (2 * sigma2)
-        print(f"delta {delta} deg {name}: expected dLL median {dll.median():.1f}  10th pct {np.percentile(dll.numpy(), 10):.1f}")
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum of squares (B,) of a - b in real-space units (Parseval), within the ``size`` crop."""
+    return (spectra(a, size) - spectra(b, size)).abs().square().sum((-2, -1)) / a.shape[-1] ** 2
+
+
+def clean_at(model: ImageModel, rows: pd.DataFrame) -> torch.Tensor:
+    """Noise-free images (B, D, D) of a metadata table, 500 at a time."""
+    model.table = rows
+    return torch.cat([model.clean_images(np.arange(i, min(i + 500, len(rows)))) for i in range(0, len(rows), 500)])
+
+
+def oracle_confusion(model: ImageModel, table: pd.DataFrame, noisy: torch.Tensor, hinges: tuple) -> None:
+    n = len(noisy)
+    labels = table["rlnClassNumber"].to_numpy()[:n] - 1
+    clean = [clean_at(model, table.iloc[:n].assign(hinge_deg=hinge)) for hinge in hinges]
+    for size in SIZES:
+        residuals = [squared_distance(noisy, images, size) for images in clean]
+        wrong = ((residuals[1] < residuals[0]).numpy().astype(int) != labels).mean()
+        print(f"box {size}: oracle confusion {100 * wrong:.2f} % ({n} images)")
+
+
+def pose_information(model: ImageModel, table: pd.DataFrame, noise_std: float, n: int = 300) -> None:
+    base = table.iloc[:n]
+    rotations = physics.euler_to_matrix(*(torch.tensor(base[c].to_numpy()) for c in ANGLES))
+    reference = clean_at(model, base)
+    rng = np.random.default_rng(0)
+    for delta_deg in (1.0, 2.0, 4.0, 8.0):
+        axis = torch.from_numpy(rng.normal(size=(n, 3)))
+        axis = axis / axis.norm(dim=1, keepdim=True)
+        turned = rotations @ physics.axis_angle_to_matrix(axis * np.deg2rad(delta_deg))
+        perturbed = base.copy()
+        for column, values in zip(ANGLES, physics.matrix_to_euler(turned)):
+            perturbed[column] = values.numpy()
+        images = clean_at(model, perturbed)
+        for size in (64, 32, 16):
+            drop = (squared_distance(images, reference, size) / (2 * noise_std**2)).numpy()
+            print(f"delta {delta_deg} deg, box {size}: expected log-likelihood drop median {np.median(drop):.1f}, "
+                  f"10th percentile {np.percentile(drop, 10):.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sim", type=Path, default=Path("/work/bench-data/acc32/sim"),
+                        help="a `cryofire simulate` output folder (bimodal phantom)")
+    parser.add_argument("--n", type=int, default=1000, help="images to classify")
+    args = parser.parse_args()
+    truth = json.loads((args.sim / "truth.json").read_text())
+    config = SimulationConfig(**{**truth["config"], "hinge_range_deg": tuple(truth["config"]["hinge_range_deg"])})
+    table = draw_metadata(config)  # the same draws as the simulation (same seed)
+    model = ImageModel(config, table)
+    with mrcfile.mmap(args.sim / "stacks" / "particles_0000.mrcs", permissive=True) as stack:
+        noisy = torch.from_numpy(np.array(stack.data[: args.n], dtype=np.float32))
+    oracle_confusion(model, table, noisy, config.hinge_range_deg)
+    pose_information(model, table, truth["noise_std"])
+
+
+if __name__ == "__main__":
+    main()

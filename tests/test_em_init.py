@@ -1,4 +1,4 @@
-"""The classical ab initio that teaches the encoder: its slice/insert pair, refinement, and the trainer's EM teacher."""
+"""The classical ab initio that teaches the encoder: its slice/insert pair, refinement, frames, and both teachers."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_refinement_from_perturbed_poses_recovers_them():
     images += torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * images.std()
     truth = physics.euler_to_matrix(
         *(torch.tensor(table[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))).float()
-    shifts = torch.tensor(table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float32)) / config.pixel_size_angstrom
+    origins = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float32)
+    shifts = torch.tensor(origins) / config.pixel_size_angstrom
     em = StochasticEM(size, n_images, EMConfig(classes=1))
     count = em.lattice.count_within(size / 2)
     observed = observed_spectrum(images * physics.soft_circular_window(size, 0.85, 0.99).float(), em.lattice, count)
@@ -111,3 +112,13 @@ def test_poses_of_a_class_in_a_rotated_frame_are_re_expressed_in_the_first():
     alignments = align_to_first_class(em, observed, ctf, truth @ turn, torch.zeros(n_images, 2), classes, 6)
     back = in_first_class_frame(truth @ turn, classes, alignments)
     assert np.median(rotation_errors_deg(back.double().numpy(), truth.double().numpy())) < 2.0
+
+
+def test_training_with_the_search_teacher_logs_its_searches(particles, tmp_path):
+    model = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
+             "decoder_depth": 1, "num_fourier_features": 16, "zdim": 2}
+    config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=model, search_fraction=0.5,
+                         teacher="search", search_rotations=256)
+    run = train(particles, tmp_path / "run", config)
+    searches = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"search"' in line]
+    assert len(searches) >= 1 and all(0.0 <= r["target_rotation_error_median_deg"] <= 180.0 for r in searches)

@@ -129,6 +129,7 @@ class StochasticEM:
         self.iteration = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.memory = random_rotations(n_images, generator=self.generator).float().to(self.device)
+        self.shifts = shift_grid(config.max_shift_px, config.shift_step_px).to(self.device)  # (T, 2) px
         self.radius_px_3d = frequency_grid_3d(grid, device=self.device).norm(dim=-1) * box_size
         offsets = torch.arange(grid, device=self.device, dtype=torch.float32) - grid // 2
         real_radius = (offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None] ** 2).sqrt()
@@ -160,6 +161,16 @@ class StochasticEM:
         volumes = self.volume_ft if classes is None else self.volume_ft[list(classes)]
         return torch.cat([sample_slices(torch.view_as_real(v).permute(3, 0, 1, 2), points) for v in volumes])
 
+    def _perturbed(self, rotations: torch.Tensor, count: int, angle_deg: float, keep_first: bool = False
+                   ) -> torch.Tensor:
+        """``count`` random perturbations (B, count, 3, 3) of each rotation (B, 3, 3): axis-angle vectors with a
+        per-component std of ``angle_deg / sqrt(3)``; with ``keep_first`` the first is the rotation itself."""
+        axis_angle = torch.randn(len(rotations), count, 3, generator=self.generator).to(self.device)
+        axis_angle *= math.radians(angle_deg) / math.sqrt(3)
+        if keep_first:
+            axis_angle[:, 0] = 0.0
+        return axis_angle_to_matrix(axis_angle) @ rotations[:, None]
+
     # --- EM -------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def iterate(self, observed: torch.Tensor, ctf: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
@@ -171,16 +182,14 @@ class StochasticEM:
         observed, ctf, rows = observed[:, :count].to(self.device), ctf[:, :count].to(self.device), rows.to(self.device)
         batch = len(observed)
         global_rotations = random_rotations(cfg.rotations, generator=self.generator).float().to(self.device)
-        axis_angle = torch.randn(batch, cfg.local_candidates, 3, generator=self.generator).to(self.device)
-        axis_angle *= math.radians(cfg.local_angle_deg) / math.sqrt(3)
-        local_rotations = axis_angle_to_matrix(axis_angle) @ self.memory[rows][:, None]  # (B, L, 3, 3)
+        local_rotations = self._perturbed(self.memory[rows], cfg.local_candidates, cfg.local_angle_deg)  # (B, L)
         global_points = self._points(global_rotations, count)  # (J, n, 3)
         local_points = self._points(local_rotations, count).reshape(-1, count, 3)  # (B * L, n, 3)
-        shifts = shift_grid(cfg.max_shift_px, cfg.shift_step_px).to(self.device)
+        shifts = self.shifts
         if self.shell_variance is None:  # start from the data's own power: a cautious (flat) posterior
             self.shell_variance = self._per_shell(observed.square().sum(-1).mean(0), count)
         sigma = self.shell_variance[self.shell[:count]].sqrt()[:, None]
-        if self.iteration == 0:  # no map yet: each image at its remembered (random) rotation, unshifted
+        if self.iteration == 0:  # no map yet: each image near its remembered (random) rotation, unshifted
             weights = torch.zeros(batch, cfg.classes, cfg.rotations + cfg.local_candidates, len(shifts),
                                   device=self.device)
             klass = torch.randint(0, cfg.classes, (batch,), generator=self.generator).to(self.device)
@@ -245,8 +254,8 @@ class StochasticEM:
         global_w, local_w = weights[:, :, :cfg.rotations], weights[:, :, cfg.rotations:]
         global_values = torch.cat((torch.einsum("bkjt,btnc->kjnc", global_w, moved),
                                    torch.einsum("bkj,bn->kjn", global_w.sum(-1), ctf.square())[..., None]), -1)
-        local_values = torch.cat((torch.einsum("bklt,btnc->kblnc", local_w, moved),
-                                  (local_w.sum(-1).permute(1, 0, 2)[..., None] * ctf.square()[None, :, None])[..., None]),
+        local_weight = local_w.sum(-1).permute(1, 0, 2)[..., None] * ctf.square()[None, :, None]  # (K, B, L, n)
+        local_values = torch.cat((torch.einsum("bklt,btnc->kblnc", local_w, moved), local_weight[..., None]),
                                  -1).flatten(1, 2)  # (K, B * L, n, 3)
         values = torch.cat((global_values, local_values), 1)
         points = torch.cat((global_points, local_points))
@@ -285,15 +294,14 @@ class StochasticEM:
         observed, ctf = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
         coords = self.lattice.coords[:count]
         rotations = random_rotations(n_rotations, generator=self.generator).float().to(self.device)
-        shifts = shift_grid(self.config.max_shift_px, self.config.shift_step_px).to(self.device)
+        shifts = self.shifts
         searched = range(self.config.classes) if only_class is None else [only_class]
         slices = self._class_slices(self._points(rotations, count), searched)
         scores = fit_scores(observed, ctf, slices, coords, shifts)
-        best = scores.flatten(1).argmin(1)
+        best_score, best = scores.flatten(1).min(1)
         hypothesis = best // len(shifts)
         classes = torch.as_tensor(list(searched), device=self.device)[hypothesis // n_rotations]
         best_r, best_t = rotations[hypothesis % n_rotations], shifts[best % len(shifts)]
-        best_score = scores.flatten(1).min(1).values
         angle_deg = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))
         for k in range(self.config.classes):
             mine = classes == k
@@ -316,10 +324,7 @@ class StochasticEM:
         index = torch.arange(batch, device=self.device)
         stencil = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1]], device=self.device)
         for _ in range(rounds):
-            axis_angle = torch.randn(batch, candidates, 3, generator=self.generator).to(self.device)
-            axis_angle *= math.radians(angle_deg) / math.sqrt(3)
-            axis_angle[:, 0] = 0.0
-            trial = axis_angle_to_matrix(axis_angle) @ rotations[:, None]  # (B, C, 3, 3)
+            trial = self._perturbed(rotations, candidates, angle_deg, keep_first=True)  # (B, C, 3, 3)
             trial_shifts = shifts[:, None] + stencil * step_px  # (B, S, 2)
             slices = sample_slices(channels, self._points(trial, count).reshape(-1, count, 3))
             scores = fit_scores(observed, ctf, slices.reshape(batch, candidates, count, 2), coords, trial_shifts)

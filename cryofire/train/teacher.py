@@ -64,9 +64,7 @@ class PoseTeacher:
         shifts = shift_grid(model.config.max_shift_fraction * model.config.box_size).to(device)
         loader = make_loader(dataset, batch_size, False, self.seed, 0, num_workers, device.type == "cuda")
         for batch in loader:
-            images = batch["images"].to(device) * model.window
-            observed = observed_spectrum(images, model.lattice, count)
-            ctf = model.lattice.gather(ctf_from_parameters(batch["ctf_parameters"].to(device), images.shape[-1]), count)
+            observed, ctf = _batch_spectra(model, batch, count, device)
             index, shift, _ = best_poses(observed, ctf, coords, projections, shifts)
             self.rotations[batch["index"]] = rotations[index].cpu()
             self.shifts_px[batch["index"]] = shift.cpu()
