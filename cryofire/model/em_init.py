@@ -16,8 +16,8 @@ two stages, and the trainer uses the result as the encoder's pose targets during
    decay by ``1 - forgetting`` (online EM), the map is their Wiener ratio, masked by a soft sphere.
 2. **One frame**: the classes share one map for the first ``split_fraction`` of the iterations, then split (a few
    iterations of random hard class assignments break the symmetry), so all start in one frame; as they drift apart
-   by some degrees, each refinement round re-expresses the poses of every class in class 0's frame
-   (:func:`align_to_first_class`).
+   by some degrees and pixels, each refinement round superposes every class map on class 0's by their common
+   (rigid) part and re-expresses the poses and shifts of its images in class 0's frame (:func:`class_frames`).
 3. **Refinement** (:func:`refine`): the maps rebuilt from hard assignments, then every image's best pose near its
    current one in every class map, or from a fresh global search, and its best class; repeated while the radius
    grows to Nyquist.
@@ -282,34 +282,54 @@ class StochasticEM:
     # --- assignment and refinement -------------------------------------------------------------------------------
     @torch.no_grad()
     def assign(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 4096,
-               local_rounds: int = 3, candidates: int = 48, only_class: int | None = None
-               ) -> tuple[torch.Tensor, ...]:
-        """Most likely pose and class of each image (spectra (B, M, 2), CTF (B, M)) at ``radius_px``: a global
-        search over ``n_rotations`` random rotations and the shift grid, then local searches in the winning class
-        (or in ``only_class``).
+               local_rounds: int = 3, candidates: int = 48, only_class: int | None = None, keep: int = 8,
+               global_radius_px: float = 10.0) -> tuple[torch.Tensor, ...]:
+        """Most likely pose and class of each image (spectra (B, M, 2), CTF (B, M)): a global search over
+        ``n_rotations`` random rotations, the shift grid and the classes (or ``only_class``) within
+        ``min(radius_px, global_radius_px)``, then local searches within ``radius_px`` from each of the ``keep``
+        best (class, rotation) hypotheses of each image (the true basin is often not the best on a coarse grid):
+        each polished briefly at the search radius, the best of them then at ``radius_px``.
 
-        Returns rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,) (:func:`fit_scores`).
+        Returns rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,) (:func:`fit_scores`) at
+        ``radius_px``.
         """
-        count = self.lattice.count_within(radius_px)
-        observed, ctf = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
+        count = self.lattice.count_within(min(radius_px, global_radius_px))
         coords = self.lattice.coords[:count]
         rotations = random_rotations(n_rotations, generator=self.generator).float().to(self.device)
-        shifts = self.shifts
-        searched = range(self.config.classes) if only_class is None else [only_class]
-        slices = self._class_slices(self._points(rotations, count), searched)
-        scores = fit_scores(observed, ctf, slices, coords, shifts)
-        best_score, best = scores.flatten(1).min(1)
-        hypothesis = best // len(shifts)
-        classes = torch.as_tensor(list(searched), device=self.device)[hypothesis // n_rotations]
-        best_r, best_t = rotations[hypothesis % n_rotations], shifts[best % len(shifts)]
+        searched = torch.as_tensor(range(self.config.classes) if only_class is None else [only_class],
+                                   device=self.device)
+        slices = self._class_slices(self._points(rotations, count), searched.tolist())
+        scores, best_shift = fit_scores(observed[:, :count].to(self.device), ctf[:, :count].to(self.device),
+                                        slices, coords, self.shifts).min(-1)  # (B, H) over the shifts
+        keep = min(keep, scores.shape[1])
+        hypotheses = scores.topk(keep, dim=1, largest=False).indices  # (B, keep)
+        batch = len(observed)
+        index = torch.arange(batch, device=self.device)
+        start_r = rotations[hypotheses % n_rotations].flatten(0, 1)
+        start_t = self.shifts[best_shift.gather(1, hypotheses)].flatten(0, 1)
+        start_c = searched[hypotheses // n_rotations].flatten()
         angle_deg = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))
-        for k in range(self.config.classes):
+        # every hypothesis polished coarsely at the search radius; the best of each image then at the full radius
+        r, t, c, score = self._local_by_class(observed.repeat_interleave(keep, 0), ctf.repeat_interleave(keep, 0),
+                                              start_r, start_t, start_c, count, angle_deg, 2, candidates // 2)
+        winner = score.view(batch, keep).argmin(1) + index * keep
+        return self._local_by_class(observed, ctf, r[winner], t[winner], c[winner],
+                                    self.lattice.count_within(radius_px), angle_deg / 4, local_rounds, candidates)
+
+    def _local_by_class(self, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+                        shifts: torch.Tensor, classes: torch.Tensor, count: int, angle_deg: float, rounds: int,
+                        candidates: int) -> tuple[torch.Tensor, ...]:
+        """:meth:`local_search` of each image (spectra (B, M, 2)) in its own class map at the first ``count``
+        points; returns rotations, shifts, classes and scores."""
+        rotations, shifts = rotations.clone(), shifts.clone()
+        scores = torch.empty(len(observed), device=self.device)
+        spectra, weights = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
+        for k in classes.unique().tolist():
             mine = classes == k
-            if mine.any():
-                best_r[mine], best_t[mine], best_score[mine] = self.local_search(
-                    k, observed[mine], ctf[mine], best_r[mine], best_t[mine], angle_deg,
-                    self.config.shift_step_px, local_rounds, candidates)
-        return best_r, best_t, classes, best_score
+            rotations[mine], shifts[mine], scores[mine] = self.local_search(
+                k, spectra[mine], weights[mine], rotations[mine], shifts[mine], angle_deg,
+                self.config.shift_step_px, rounds, candidates)
+        return rotations, shifts, classes, scores
 
     def local_search(self, klass: int, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
                      shifts: torch.Tensor, angle_deg: float, step_px: float, rounds: int, candidates: int
@@ -361,9 +381,9 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
            chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One round of refinement at ``radius_px``: rebuild each class map from the hard assignments (rotations
     (N, 3, 3), shifts (N, 2) px, classes (N,)), then move every image to the best of: its best pose near the current
-    one in every class map, and the result of a fresh global search (``global_rotations`` random rotations at up to
-    ``global_radius_px``, then local searches at the full radius; 0 rotations for none): it rescues images the
-    earlier stages put in a wrong basin. Returns new rotations, shifts and classes."""
+    one in every class map, and the result of a fresh global search (:meth:`StochasticEM.assign`:
+    ``global_rotations`` random rotations at up to ``global_radius_px``, then local searches at the full radius from
+    the best few; 0 rotations for none): it rescues images the earlier stages put in a wrong basin. Returns new rotations, shifts and classes."""
     reconstruct(em, observed, ctf, rotations, shifts, classes, radius_px, chunk)
     count = em.lattice.count_within(radius_px)
     best_score = torch.full((len(observed),), math.inf, device=em.device)
@@ -378,14 +398,8 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
             index = part[better]
             new_r[index], new_t[index], new_c[index] = r[better], t[better], k
         if global_rotations:
-            r, t, c, _ = em.assign(spectra, weights, min(radius_px, global_radius_px), global_rotations)
-            score = torch.empty(len(part), device=em.device)
-            for k in range(em.config.classes):  # scored (and polished) at the full radius, like the local results
-                mine = c == k
-                if mine.any():
-                    r[mine], t[mine], score[mine] = em.local_search(
-                        k, spectra[mine], weights[mine], r[mine], t[mine], start_angle_deg / 2,
-                        em.config.shift_step_px / 2, rounds, candidates)
+            r, t, c, score = em.assign(spectra, weights, radius_px, global_rotations, rounds, candidates,
+                                       global_radius_px=global_radius_px)
             better = score < best_score[part]
             best_score[part] = torch.where(better, score, best_score[part])
             index = part[better]
@@ -393,42 +407,110 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
     return new_r, new_t, new_c
 
 
+def real_space_maps(em: StochasticEM) -> torch.Tensor:
+    """The class maps in real space on the padded grid, (K, G, G, G), voxels of the image's pixel size."""
+    return ifft3_centered(em.volume_ft).real
+
+
 @torch.no_grad()
-def align_to_first_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
-                         shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, angle_deg: float = 20.0,
-                         max_images: int = 2000) -> list[torch.Tensor]:
-    """Rotation R (3, 3) taking each class's poses into class 0's frame, ``A' = A R``: after the split the class
-    maps drift apart by some degrees, and a map-to-map fit is misled by the conformational change. So up to
-    ``max_images`` images of class k are searched in class 0's map near their own pose (random perturbations within
-    ``angle_deg``, halving over four rounds), and R is the robust consensus of ``A_k^T A_0`` over them
-    (:func:`cryofire.evaluate.align_poses`, same hand). Class 0 gets the identity."""
-    from cryofire.evaluate import align_poses
+def fit_rigid_part(reference: torch.Tensor, moving: torch.Tensor, generator: torch.Generator,
+                   keep_fraction: float = 0.5, radius_px: float | None = None, angle_deg: float = 25.0,
+                   step_px: float = 2.0, passes: int = 8, rounds: int = 8, candidates: int = 96
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rigid superposition of two conformations by their largest common part.
 
-    count = em.lattice.count_within(radius_px)
-    result = [torch.eye(3, device=em.device)]
-    for k in range(1, em.config.classes):
-        mine = (classes == k).nonzero().squeeze(-1)[:max_images]
-        if len(mine) < 3:
-            result.append(torch.eye(3, device=em.device))
-            continue
-        spectra, weights = observed[mine, :count].to(em.device), ctf[mine, :count].to(em.device)
-        in_first, _, _ = em.local_search(0, spectra, weights, rotations[mine], shifts[mine], angle_deg,
-                                         em.config.shift_step_px, 4, 64)
-        alignment = align_poses(rotations[mine].double().cpu().numpy(), in_first.double().cpu().numpy(),
-                                hands=(False,))
-        result.append(torch.from_numpy(alignment.rotation).float().to(em.device))
-    return result
+    Finds the rotation R (3, 3) and translation v (3,) px with ``moving(R p + v) ~ reference(p)``, p the voxel
+    offsets (x, y, z) from the centre of the two centred real-space maps (G, G, G) within ``radius_px``. The first
+    pass maximises the correlation over all of them; each later pass only over the voxels with density (above a
+    tenth of the maximum in either map) whose difference after the previous fit is in the best ``keep_fraction``:
+    the domain that moved between the conformations drops out, so the fit converges on the rigid part (a fit of
+    whole maps settles on a compromise tens of degrees away, bench/RESULTS.md). Each pass is ``rounds`` of
+    ``candidates`` random perturbations of the best (within ``angle_deg`` and ``step_px`` in the first pass, a
+    quarter of those later; halving each round), then an L-BFGS polish.
+    """
+    size = reference.shape[-1]
+    radius = 0.85 * size / 4 if radius_px is None else radius_px
+    offsets = torch.arange(size, device=reference.device, dtype=torch.float32) - size // 2
+    points = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+    points = points[points.norm(dim=-1) <= radius]
+    target = sample_slices(reference[None], points[None])[0, :, 0]
+    channels = moving[None]
+
+    def moved(rotations: torch.Tensor, translations: torch.Tensor) -> torch.Tensor:  # (C, n)
+        return sample_slices(channels, points @ rotations.transpose(-1, -2) + translations[:, None])[..., 0]
+
+    def correlation(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        a = target - (weight * target).sum() / weight.sum()
+        b = values - (weight * values).sum(-1, keepdim=True) / weight.sum()
+        return (weight * a * b).sum(-1) / ((weight * a * a).sum() * (weight * b * b).sum(-1)).sqrt().clamp_min(1e-30)
+
+    rotation, translation = torch.eye(3, device=reference.device), torch.zeros(3, device=reference.device)
+    weight = torch.ones_like(target)
+    for index in range(passes):
+        narrowing = 1.0 if index == 0 else 0.25  # later passes polish near the previous fit
+        angle, step = math.radians(angle_deg) * narrowing, step_px * narrowing
+        for _ in range(rounds):
+            turns = torch.randn(candidates, 3, generator=generator).to(target.device) * (angle / math.sqrt(3))
+            steps = torch.randn(candidates, 3, generator=generator).to(target.device) * (step / math.sqrt(3))
+            turns[0], steps[0] = 0.0, 0.0
+            trial_r, trial_t = axis_angle_to_matrix(turns) @ rotation, translation + steps
+            best = correlation(moved(trial_r, trial_t), weight).argmax()
+            rotation, translation, angle, step = trial_r[best], trial_t[best], angle / 2, step / 2
+        rotation, translation = _polish(lambda r, t: -correlation(moved(r[None], t[None]), weight)[0],
+                                        rotation, translation)
+        fitted = moved(rotation[None], translation[None])[0]
+        difference = (target - fitted * (fitted @ target) / fitted.square().sum().clamp_min(1e-30)).abs()
+        dense = (target.abs() > 0.1 * target.abs().max()) | (fitted.abs() > 0.1 * fitted.abs().max())
+        weight = (dense & (difference <= difference[dense].quantile(keep_fraction))).float()
+    return rotation, translation
 
 
-def in_first_class_frame(rotations: torch.Tensor, classes: torch.Tensor, alignments: list[torch.Tensor]
-                         ) -> torch.Tensor:
-    """Poses (N, 3, 3) of images in class k re-expressed in class 0's frame, ``A' = A R_k``
-    (:func:`align_to_first_class`)."""
-    result = rotations.clone()
-    for k, rotation in enumerate(alignments):
+def _polish(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rotation: torch.Tensor,
+            translation: torch.Tensor, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-BFGS on a small turn ``exp([w]x) R`` and move ``t + d`` minimising ``loss(rotation, translation)``."""
+    turn = torch.zeros(3, device=rotation.device, requires_grad=True)
+    move = torch.zeros(3, device=rotation.device, requires_grad=True)
+    optimiser = torch.optim.LBFGS([turn, move], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def turned(w: torch.Tensor) -> torch.Tensor:
+        zero = w.new_zeros(())
+        skew = torch.stack((torch.stack((zero, -w[2], w[1])), torch.stack((w[2], zero, -w[0])),
+                            torch.stack((-w[1], w[0], zero))))
+        return torch.linalg.matrix_exp(skew) @ rotation
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        value = loss(turned(turn), translation + move)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+    return turned(turn).detach(), (translation + move).detach()
+
+
+def class_frames(em: StochasticEM, keep_fraction: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each class map's rigid superposition (R, v) onto class 0's map by their common part
+    (:func:`fit_rigid_part`); class 0 gets the identity. After the split the class maps drift apart (rotation
+    and translation: both leave the likelihood unchanged), and one global frame is what users compare
+    conformations in."""
+    maps = real_space_maps(em)
+    identity = (torch.eye(3, device=em.device), torch.zeros(3, device=em.device))
+    return [identity] + [fit_rigid_part(maps[0], maps[k], em.generator, keep_fraction)
+                         for k in range(1, em.config.classes)]
+
+
+def in_first_class_frame(rotations: torch.Tensor, shifts: torch.Tensor, classes: torch.Tensor,
+                         frames: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poses of the images of class k re-expressed in class 0's frame (:func:`class_frames`): if
+    ``V_k(R p + v) = V_0(p)``, the image at pose A and re-centring shift t (px) in map k is the image at pose
+    ``A R`` and shift ``t - (A v)_xy`` in map 0. Returns rotations (N, 3, 3) and shifts (N, 2)."""
+    new_r, new_t = rotations.clone(), shifts.clone()
+    for k, (rotation, translation) in enumerate(frames):
         mine = classes == k
-        result[mine] = rotations[mine] @ rotation
-    return result
+        new_r[mine] = rotations[mine] @ rotation
+        new_t[mine] = shifts[mine] - (rotations[mine] @ translation)[:, :2]
+    return new_r, new_t
 
 
 def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
@@ -463,7 +545,6 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     for index in range(rounds):
         radius = config.end_radius_px + (box_size / 2 - config.end_radius_px) * min(index / max(rounds - 2, 1), 1.0)
         rotations, shifts, classes = refine(em, observed, ctf, rotations, shifts, classes, radius)
-        alignments = align_to_first_class(em, observed, ctf, rotations, shifts, classes, radius)
-        rotations = in_first_class_frame(rotations, classes, alignments)
+        rotations, shifts = in_first_class_frame(rotations, shifts, classes, class_frames(em))
         report("refine", {"round": index + 1, "radius_px": radius}, (rotations, shifts, classes))
     return em, rotations, shifts, classes
