@@ -10,7 +10,8 @@ Steps (all through the cryofire library, as the CLI would run them):
 3. The last `--n-heldout` particles are encoded by `cryofire infer` with the trained model.
 4. Metrics (`cryofire.evaluate`): median rotation error after global alignment (both hands), shift error, and the
    confusion of k-means (k = 2) labels of the latents against the true states, on the training and held-out sets;
-   wall time and images/s of training.
+   the FSC of the two cluster-centre volumes (`cryofire analyze --k 2`, `cryofire volume --clusters`) against the
+   true states they match, after moving them into the truth's frame; wall time and images/s of training.
 Writes `<out>/accuracy.json` and prints a summary line for bench/RESULTS.md.
 """
 
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import KMeans
 
-from cryofire.evaluate import confusion, pose_metrics
+from cryofire.analysis.latents import analyze_run
+from cryofire.analysis.volumes import VolumeRequest, write_volumes
+from cryofire.evaluate import PoseAlignment, confusion, pose_metrics, state_fsc_metrics
 from cryofire.io import read_star, write_star
 from cryofire.preprocess import PreprocessConfig, preprocess
 from cryofire.simulate import SimulationConfig, simulate_dataset
@@ -51,6 +54,18 @@ def score(pred_star: Path, true_table, latents: np.ndarray, seed: int) -> dict:
     labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(latents)
     metrics["confusion_rate"] = confusion(labels, true_table["rlnClassNumber"].to_numpy())["confusion_rate"]
     return metrics
+
+
+def state_fsc(run: Path, sim: Path, true_table, pose: dict, seed: int) -> list[dict]:
+    """FSC (0.5 and 0.143 resolutions, Å) of each k-means (k = 2) cluster-centre volume against its true state."""
+    analysis = analyze_run(run, k=2, seed=seed)
+    volumes = write_volumes(run, run / "volumes", VolumeRequest(clusters=True), analysis)
+    labels = np.load(analysis / "labels.npy")
+    matching = confusion(labels, true_table["rlnClassNumber"].to_numpy())["matching"]
+    alignment = PoseAlignment(np.asarray(pose["global_rotation"]), pose["mirrored_hand"])
+    states = state_fsc_metrics(str(volumes), str(sim / "truth.json"), matching, alignment)
+    return [{k: m[k] for k in ("cluster", "true_class", "resolution_fsc0.5_angstrom", "resolution_fsc0.143_angstrom")}
+            for m in states]
 
 
 def main() -> None:
@@ -83,11 +98,15 @@ def main() -> None:
         "heldout": score(inferred / "poses.star", read_star(heldout_star), np.load(inferred / "latents.npy"),
                          args.seed),
     }
+    result["state_fsc"] = state_fsc(run, args.out / "sim", read_star(train_star), result["train"], args.seed)
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=1))
     for split in ("train", "heldout"):
         m = result[split]
         print(f"{split}: rotation error median {m['rotation_error_median_deg']:.2f} deg, shift error median "
               f"{m['shift_error_median_px']:.2f} px, confusion {100 * m['confusion_rate']:.1f} %")
+    for m in result["state_fsc"]:
+        print(f"state {m['true_class']} (cluster {m['cluster']}): FSC 0.5 at {m['resolution_fsc0.5_angstrom']:.1f} Å, "
+              f"0.143 at {m['resolution_fsc0.143_angstrom']:.1f} Å")
     print(f"training {train_seconds / 60:.1f} min ({result['train_images_per_s']:.0f} images/s); "
           f"infer {result['infer_images_per_s']:.0f} images/s")
 

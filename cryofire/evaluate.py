@@ -145,10 +145,37 @@ def same_frame(pose: dict, tolerance_deg: float = 2.0) -> bool:
     return not pose["mirrored_hand"] and angle <= tolerance_deg
 
 
-def state_fsc_metrics(volumes_json: str, truth_json: str, matching: list[list[int]]) -> list[dict]:
+def volume_in_true_frame(volume: np.ndarray, reference: np.ndarray, alignment: PoseAlignment) -> np.ndarray:
+    """A predicted map (D, D, D) moved into the truth's frame, for an FSC against ``reference`` (same box).
+
+    Poses ``true ~ H P H Q`` (:class:`PoseAlignment`) mean ``V_true(p) = V_pred(H Q p)`` (p voxel offsets (x, y, z)
+    from the centre); the map is resampled so (trilinear), then superposed on the reference by a small rigid fit
+    (:func:`cryofire.model.em_init.fit_rigid_part`): the translation of an ab initio map is as free as its
+    rotation, and the pose alignment leaves a residual of a degree or so.
+    """
+    from cryofire.model.em_init import fit_rigid_part, sample_slices
+
+    size = volume.shape[-1]
+    hand = _HAND_FLIP if alignment.mirrored_hand else np.eye(3)
+    turn = torch.from_numpy(hand @ alignment.rotation).float()
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    points = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+    moved = sample_slices(torch.from_numpy(np.ascontiguousarray(volume)).float()[None], (points @ turn.T)[None])
+    moved = moved[0, :, 0].reshape(size, size, size)
+    target = torch.from_numpy(np.ascontiguousarray(reference)).float()
+    rotation, translation = fit_rigid_part(target, moved, torch.Generator().manual_seed(0), keep_fraction=1.0,
+                                           radius_px=0.85 * size / 2, angle_deg=4.0, passes=2)
+    fitted = sample_slices(moved[None], (points @ rotation.T + translation)[None])[0, :, 0]
+    return fitted.reshape(size, size, size).numpy()
+
+
+def state_fsc_metrics(volumes_json: str, truth_json: str, matching: list[list[int]],
+                      alignment: PoseAlignment | None = None) -> list[dict]:
     """FSC of each cluster map (`cryofire volume --clusters`, volumes.json) against the true state it matches.
 
-    `matching` pairs predicted cluster ids with true classes (1-based, as rlnClassNumber), from :func:`confusion`.
+    `matching` pairs predicted cluster ids with true classes (1-based, as rlnClassNumber), from :func:`confusion`;
+    with the `alignment` of ab initio poses to the truth each map is first moved into the truth's frame
+    (:func:`volume_in_true_frame`).
     """
     from pathlib import Path
 
@@ -162,8 +189,10 @@ def state_fsc_metrics(volumes_json: str, truth_json: str, matching: list[list[in
             continue
         predicted, pixel_size = read_volume(Path(volumes_json).parent / clusters[cluster])
         reference, _ = read_volume(Path(truth_json).parent / "volumes" / truth["volumes"][true_class - 1])
-        fsc = fsc_metrics(*common_box(predicted, reference), pixel_size)
-        results.append({"cluster": cluster, "true_class": true_class, **fsc})
+        predicted, reference = common_box(predicted, reference)
+        if alignment is not None:
+            predicted = volume_in_true_frame(predicted, reference, alignment)
+        results.append({"cluster": cluster, "true_class": true_class, **fsc_metrics(predicted, reference, pixel_size)})
     return results
 
 
@@ -198,11 +227,10 @@ def evaluate_files(
         metrics["fsc"] = fsc_metrics(*common_box(predicted, reference), pixel_size)
         metrics["resolution_fsc0.5_angstrom"] = metrics["fsc"]["resolution_fsc0.5_angstrom"]
     if volumes_json and truth_json and "classes" in metrics:
+        alignment = None
         if "global_rotation" in metrics and not same_frame(metrics):
-            metrics["state_fsc_note"] = ("not computed: the predicted poses differ from the truth by a global rotation "
-                                         "or hand, and maps are not yet re-aligned before the FSC")
-        else:
-            metrics["state_fsc"] = state_fsc_metrics(volumes_json, truth_json, metrics["classes"]["matching"])
+            alignment = PoseAlignment(np.asarray(metrics["global_rotation"]), metrics["mirrored_hand"])
+        metrics["state_fsc"] = state_fsc_metrics(volumes_json, truth_json, metrics["classes"]["matching"], alignment)
     if not metrics:
         raise ConfigError("nothing to evaluate: give --true-star with --pred-star, --pred-labels, or two volumes")
     return metrics
