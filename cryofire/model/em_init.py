@@ -44,7 +44,12 @@ PADDING = 2  # the maps live on (2D)^3 grids
 
 @dataclass(frozen=True)
 class EMConfig:
-    """Schedule of the EM initialisation (radii in lattice px of the training box D; angles in degrees)."""
+    """Schedule of the EM initialisation (radii and shifts in lattice px of the training box D; angles in degrees).
+
+    The E steps try re-centring shifts up to ``max_shift_px`` (a coarse map needs no more); the global assignment and
+    the refinement's re-search try shifts up to ``search_shift_px``, which must cover the particles' offsets (an
+    image whose particle sits further out is given a wrong pose: 55 % of those beyond 3 px on the simulated set).
+    """
 
     iterations: int = 700
     batch_size: int = 64
@@ -55,6 +60,7 @@ class EMConfig:
     start_radius_px: float = 3.0
     end_radius_px: float = 8.0
     max_shift_px: float = 3.0
+    search_shift_px: float = 6.0
     shift_step_px: float = 1.0
     forgetting_start: float = 0.2
     forgetting_end: float = 0.02
@@ -130,6 +136,7 @@ class StochasticEM:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.memory = random_rotations(n_images, generator=self.generator).float().to(self.device)
         self.shifts = shift_grid(config.max_shift_px, config.shift_step_px).to(self.device)  # (T, 2) px
+        self.search_shifts = shift_grid(config.search_shift_px, config.shift_step_px).to(self.device)
         self.radius_px_3d = frequency_grid_3d(grid, device=self.device).norm(dim=-1) * box_size
         offsets = torch.arange(grid, device=self.device, dtype=torch.float32) - grid // 2
         real_radius = (offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None] ** 2).sqrt()
@@ -281,14 +288,16 @@ class StochasticEM:
 
     # --- assignment and refinement -------------------------------------------------------------------------------
     @torch.no_grad()
-    def assign(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 4096,
-               local_rounds: int = 3, candidates: int = 48, only_class: int | None = None, keep: int = 8,
-               global_radius_px: float = 10.0) -> tuple[torch.Tensor, ...]:
+    def assign(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 8192,
+               local_rounds: int = 3, candidates: int = 48, only_class: int | None = None, keep: int = 16,
+               global_radius_px: float = 7.0) -> tuple[torch.Tensor, ...]:
         """Most likely pose and class of each image (spectra (B, M, 2), CTF (B, M)): a global search over
-        ``n_rotations`` random rotations, the shift grid and the classes (or ``only_class``) within
+        ``n_rotations`` random rotations, the grid of shifts up to ``search_shift_px`` and the classes (or
+        ``only_class``) within
         ``min(radius_px, global_radius_px)``, then local searches within ``radius_px`` from each of the ``keep``
         best (class, rotation) hypotheses of each image (the true basin is often not the best on a coarse grid):
-        each polished briefly at the search radius, the best of them then at ``radius_px``.
+        each polished briefly at the search radius, the best of them then at ``radius_px`` in every class map (the
+        class is the one that fits best there).
 
         Returns rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,) (:func:`fit_scores`) at
         ``radius_px``.
@@ -299,22 +308,27 @@ class StochasticEM:
         searched = torch.as_tensor(range(self.config.classes) if only_class is None else [only_class],
                                    device=self.device)
         slices = self._class_slices(self._points(rotations, count), searched.tolist())
-        scores, best_shift = fit_scores(observed[:, :count].to(self.device), ctf[:, :count].to(self.device),
-                                        slices, coords, self.shifts).min(-1)  # (B, H) over the shifts
+        spectra, weights = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
+        parts = [fit_scores(spectra[part], weights[part], slices, coords, self.search_shifts).min(-1)
+                 for part in torch.arange(len(observed), device=self.device).split(64)]  # (b, H, T): bounded memory
+        scores, best_shift = (torch.cat(values) for values in zip(*parts))  # (B, H) best over the shifts
         keep = min(keep, scores.shape[1])
         hypotheses = scores.topk(keep, dim=1, largest=False).indices  # (B, keep)
         batch = len(observed)
         index = torch.arange(batch, device=self.device)
         start_r = rotations[hypotheses % n_rotations].flatten(0, 1)
-        start_t = self.shifts[best_shift.gather(1, hypotheses)].flatten(0, 1)
+        start_t = self.search_shifts[best_shift.gather(1, hypotheses)].flatten(0, 1)
         start_c = searched[hypotheses // n_rotations].flatten()
         angle_deg = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))
         # every hypothesis polished coarsely at the search radius; the best of each image then at the full radius
         r, t, c, score = self._local_by_class(observed.repeat_interleave(keep, 0), ctf.repeat_interleave(keep, 0),
                                               start_r, start_t, start_c, count, angle_deg, 2, candidates // 2)
         winner = score.view(batch, keep).argmin(1) + index * keep
-        return self._local_by_class(observed, ctf, r[winner], t[winner], c[winner],
-                                    self.lattice.count_within(radius_px), angle_deg / 4, local_rounds, candidates)
+        count = self.lattice.count_within(radius_px)
+        results = [self._local_by_class(observed, ctf, r[winner], t[winner], torch.full_like(c[winner], k), count,
+                                        angle_deg / 4, local_rounds, candidates) for k in searched.tolist()]
+        best = torch.stack([result[3] for result in results]).argmin(0)  # (B,): the class that fits best
+        return tuple(torch.stack([result[i] for result in results])[best, index] for i in range(4))
 
     def _local_by_class(self, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
                         shifts: torch.Tensor, classes: torch.Tensor, count: int, angle_deg: float, rounds: int,
@@ -377,7 +391,7 @@ def reconstruct(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rot
 @torch.no_grad()
 def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
            shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, start_angle_deg: float = 8.0,
-           rounds: int = 3, candidates: int = 48, global_rotations: int = 4096, global_radius_px: float = 10.0,
+           rounds: int = 3, candidates: int = 48, global_rotations: int = 8192, global_radius_px: float = 7.0,
            chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One round of refinement at ``radius_px``: rebuild each class map from the hard assignments (rotations
     (N, 3, 3), shifts (N, 2) px, classes (N,)), then move every image to the best of: its best pose near the current
