@@ -293,11 +293,10 @@ class StochasticEM:
                global_radius_px: float = 7.0) -> tuple[torch.Tensor, ...]:
         """Most likely pose and class of each image (spectra (B, M, 2), CTF (B, M)): a global search over
         ``n_rotations`` random rotations, the grid of shifts up to ``search_shift_px`` and the classes (or
-        ``only_class``) within
-        ``min(radius_px, global_radius_px)``, then local searches within ``radius_px`` from each of the ``keep``
+        ``only_class``) within ``min(radius_px, global_radius_px)``, then local searches from each of the ``keep``
         best (class, rotation) hypotheses of each image (the true basin is often not the best on a coarse grid):
-        each polished briefly at the search radius, the best of them then at ``radius_px`` in every class map (the
-        class is the one that fits best there).
+        each polished briefly at the search radius, the best of them then within ``radius_px`` in every class map
+        (the class is the one that fits best there).
 
         Returns rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,) (:func:`fit_scores`) at
         ``radius_px``.
