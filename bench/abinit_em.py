@@ -6,10 +6,11 @@
 
 ``search``: both class maps rebuilt from the TRUE poses and states of all images (radius 16 px), then the global
 assignment (``StochasticEM.assign``) of 2,000 images: how often the search itself misses the true pose (> 20 deg) or
-class, overall and for the particles more than 3 px off-centre. ``identifiability``: a map reconstructed from the TRUE poses of 5,000 images, low-passed to radius r, then the best
-pose of 400 images by global search (4,096 random rotations x shifts, then local refinement): the median rotation
-error says how much pose information the images carry up to r. ``em``: the whole initialisation (stochastic EM from
-random poses, assignment, refinement) on the first ``--n-images``, then its rotation error and class agreement.
+class, overall and for the particles more than 3 px off-centre. ``identifiability``: a map reconstructed from the
+TRUE poses of 5,000 images, low-passed to radius r, then the best pose of 400 images by global search (4,096 random
+rotations x shifts, then local refinement): the median rotation error says how much pose information the images
+carry up to r. ``em``: the whole initialisation (stochastic EM from random poses, assignment, refinement) on the
+first ``--n-images``, then its rotation error and class agreement.
 Results in bench/RESULTS.md ("Ab initio by stochastic EM").
 
 Why: an amortized encoder trained through the image loss alone did not find poses in a few hundred thousand images
@@ -67,7 +68,7 @@ def identifiability(star: str) -> None:
         observed, ctf = data["observed"][:, :count], data["ctf"][:, :count]
         one_class = torch.zeros(len(observed), dtype=torch.long)
         reconstruct(em, observed, ctf, data["rotations"], data["shifts_px"], one_class, radius)
-        rotations = em.assign(observed[:400], ctf[:400], radius)[0]
+        rotations = em.assign(observed[:400], ctf[:400], radius, 4096, keep=1, global_radius_px=radius)[0]
         print(f"radius {radius} px ({count} points): median rotation error "
               f"{median_error_deg(rotations, data['rotations'][:400]):.1f} deg", flush=True)
 
@@ -85,7 +86,8 @@ def search(star: str, config: EMConfig, n_images: int = 2000) -> None:
     wrong = (classes != states[:n_images]).numpy()
     far = data["shifts_px"][:n_images].abs().max(-1).values.numpy() > 3.0
     print(f"search shifts up to {config.search_shift_px} px: median {np.median(errors):.2f} deg, > 20 deg "
-          f"{100 * np.mean(errors > 20):.1f} % ({100 * np.mean(errors[far] > 20):.1f} % of the {100 * far.mean():.0f} % "
+          f"{100 * np.mean(errors > 20):.1f} % ({100 * np.mean(errors[far] > 20):.1f} % of the "
+          f"{100 * far.mean():.0f} % "
           f"beyond 3 px), wrong class {100 * wrong.mean():.1f} %, {time.time() - started:.0f} s", flush=True)
 
 

@@ -7,10 +7,10 @@ The two class maps are rebuilt from the TRUE poses and states of 10,000 SNR-0.1 
 best maps an ab initio could reach), and the noise spectrum from the residuals at the true poses. Every step draws
 fresh images from them (uniform rotations, both states, the data's shifts and CTFs, coloured noise, the model's
 window), so the encoder never sees an image twice. It is trained by supervision (chordal rotation loss, shift error,
-cross-entropy of its two latent coordinates as class logits). Reported every `--report-every` steps (200): median rotation error and
-class accuracy of its predictions on 1,000 synthetic images and on 2,000 REAL held-out images (no alignment needed:
-the maps are in the true frame). `--phase-flip` multiplies every input's spectrum by the sign of its CTF and
-`--lowpass-px` zeroes it beyond that radius. Results in bench/RESULTS.md ("Fourth session").
+cross-entropy of its two latent coordinates as class logits). Reported every `--report-every` steps (200): median
+rotation error and class accuracy of its predictions on 1,000 synthetic images and on 2,000 REAL held-out images (no
+alignment needed: the maps are in the true frame). `--phase-flip` multiplies every input's spectrum by the sign of
+its CTF and `--lowpass-px` zeroes it beyond that radius. Results in bench/RESULTS.md ("Fourth session").
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def main() -> None:
         step += 1
         if step % args.report_every == 0:
             (s_err, s_acc), (r_err, r_acc) = scores(encoder, *synthetic[:2], synthetic[3]), scores(encoder, *real)
-            print(f"{128 * step} images, {time.time() - started:.0f} s: synthetic {s_err:.1f} deg / {100 * s_acc:.1f} % "
+            print(f"{128 * step} images, {time.time() - started:.0f} s: synthetic {s_err:.1f} deg / "
+                  f"{100 * s_acc:.1f} % "
                   f"states right; real held-out {r_err:.1f} deg / {100 * r_acc:.1f} %", flush=True)
 
 

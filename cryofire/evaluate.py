@@ -153,13 +153,12 @@ def volume_in_true_frame(volume: np.ndarray, reference: np.ndarray, alignment: P
     (:func:`cryofire.model.em_init.fit_rigid_part`): the translation of an ab initio map is as free as its
     rotation, and the pose alignment leaves a residual of a degree or so.
     """
-    from cryofire.model.em_init import fit_rigid_part, sample_slices
+    from cryofire.model.em_init import fit_rigid_part, sample_slices, voxel_offsets
 
     size = volume.shape[-1]
     hand = _HAND_FLIP if alignment.mirrored_hand else np.eye(3)
     turn = torch.from_numpy(hand @ alignment.rotation).float()
-    offsets = torch.arange(size, dtype=torch.float32) - size // 2
-    points = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+    points = voxel_offsets(size)
     moved = sample_slices(torch.from_numpy(np.ascontiguousarray(volume)).float()[None], (points @ turn.T)[None])
     moved = moved[0, :, 0].reshape(size, size, size)
     target = torch.from_numpy(np.ascontiguousarray(reference)).float()

@@ -21,6 +21,7 @@ from cryofire.model.em_init import (
     real_space_maps,
     refine,
     sample_slices,
+    voxel_offsets,
 )
 from cryofire.model.image_formation import recentre
 from cryofire.model.image_formation import observed_spectrum
@@ -96,8 +97,7 @@ def test_training_with_the_em_teacher_logs_its_targets(particles, tmp_path):
 def _turned(volume: torch.Tensor, rotation: torch.Tensor, translation_px: torch.Tensor) -> torch.Tensor:
     """``V'(x) = V(R^T (x - v))`` on the same centred grid (x, y, z voxel offsets), by trilinear interpolation."""
     size = volume.shape[-1]
-    offsets = torch.arange(size, dtype=torch.float32) - size // 2
-    points = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+    points = voxel_offsets(size)
     return sample_slices(volume[None], ((points - translation_px) @ rotation)[None])[0, :, 0].reshape(volume.shape)
 
 

@@ -191,11 +191,10 @@ def test_state_fsc_pairs_each_cluster_map_with_its_matched_true_state(tmp_path):
 
 def _resampled(volume: torch.Tensor, matrix: torch.Tensor, translation_px: torch.Tensor) -> torch.Tensor:
     """``V'(x) = V(M (x - v))`` (x, y, z voxel offsets from the centre), trilinear."""
-    from cryofire.model.em_init import sample_slices
+    from cryofire.model.em_init import sample_slices, voxel_offsets
 
     size = volume.shape[-1]
-    offsets = torch.arange(size, dtype=torch.float32) - size // 2
-    points = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+    points = voxel_offsets(size)
     return sample_slices(volume[None], ((points - translation_px) @ matrix.T)[None])[0, :, 0].reshape(volume.shape)
 
 

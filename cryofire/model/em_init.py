@@ -396,7 +396,8 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
     (N, 3, 3), shifts (N, 2) px, classes (N,)), then move every image to the best of: its best pose near the current
     one in every class map, and the result of a fresh global search (:meth:`StochasticEM.assign`:
     ``global_rotations`` random rotations at up to ``global_radius_px``, then local searches at the full radius from
-    the best few; 0 rotations for none): it rescues images the earlier stages put in a wrong basin. Returns new rotations, shifts and classes."""
+    the best few; 0 rotations for none): it rescues images the earlier stages put in a wrong basin. Returns new
+    rotations, shifts and classes."""
     reconstruct(em, observed, ctf, rotations, shifts, classes, radius_px, chunk)
     count = em.lattice.count_within(radius_px)
     best_score = torch.full((len(observed),), math.inf, device=em.device)
@@ -425,6 +426,13 @@ def real_space_maps(em: StochasticEM) -> torch.Tensor:
     return ifft3_centered(em.volume_ft).real
 
 
+def voxel_offsets(size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Offsets (x, y, z) px of each voxel of a centred (size, size, size) [z, y, x] grid from its centre, (size^3, 3).
+    """
+    offsets = torch.arange(size, device=device, dtype=torch.float32) - size // 2
+    return torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+
+
 @torch.no_grad()
 def fit_rigid_part(reference: torch.Tensor, moving: torch.Tensor, generator: torch.Generator,
                    keep_fraction: float = 0.5, radius_px: float | None = None, angle_deg: float = 25.0,
@@ -443,8 +451,7 @@ def fit_rigid_part(reference: torch.Tensor, moving: torch.Tensor, generator: tor
     """
     size = reference.shape[-1]
     radius = 0.85 * size / 4 if radius_px is None else radius_px
-    offsets = torch.arange(size, device=reference.device, dtype=torch.float32) - size // 2
-    points = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).flip(-1).reshape(-1, 3)
+    points = voxel_offsets(size, reference.device)
     points = points[points.norm(dim=-1) <= radius]
     target = sample_slices(reference[None], points[None])[0, :, 0]
     channels = moving[None]
