@@ -15,16 +15,12 @@ from cryofire.model.em_init import (
     EMConfig,
     StochasticEM,
     class_frames,
-    fit_rigid_part,
     in_first_class_frame,
-    insert_slices,
     real_space_maps,
     refine,
-    sample_slices,
-    voxel_offsets,
 )
-from cryofire.model.image_formation import recentre
-from cryofire.model.image_formation import observed_spectrum
+from cryofire.model.image_formation import observed_spectrum, recentre
+from cryofire.model.trilinear import fit_rigid_part, insert_slices, sample_slices, voxel_offsets
 from cryofire.simulate import SimulationConfig, simulate_dataset
 from cryofire.simulate.dataset import ImageModel, draw_metadata
 from cryofire.train import TrainConfig, train
@@ -69,6 +65,10 @@ def test_refinement_from_perturbed_poses_recovers_them():
     assert start > 7.0 and end < 0.5 * start
 
 
+SMALL_MODEL = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
+               "decoder_depth": 1, "num_fourier_features": 16, "zdim": 2}
+
+
 @pytest.fixture(scope="module")
 def particles(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("sim")
@@ -77,9 +77,7 @@ def particles(tmp_path_factory) -> str:
 
 
 def test_training_with_the_em_teacher_logs_its_targets(particles, tmp_path):
-    model = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
-             "decoder_depth": 1, "num_fourier_features": 16, "zdim": 2}
-    config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=model, search_fraction=1.0,
+    config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=SMALL_MODEL, search_fraction=1.0,
                          teacher="em", em_iterations=20)
     run = train(particles, tmp_path / "run", config)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -155,9 +153,7 @@ def test_poses_in_a_turned_and_moved_class_map_are_re_expressed_in_the_first():
 
 
 def test_training_with_the_search_teacher_logs_its_searches(particles, tmp_path):
-    model = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
-             "decoder_depth": 1, "num_fourier_features": 16, "zdim": 2}
-    config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=model, search_fraction=0.5,
+    config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=SMALL_MODEL, search_fraction=0.5,
                          teacher="search", search_rotations=256)
     run = train(particles, tmp_path / "run", config)
     searches = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"search"' in line]

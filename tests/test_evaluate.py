@@ -191,7 +191,7 @@ def test_state_fsc_pairs_each_cluster_map_with_its_matched_true_state(tmp_path):
 
 def _resampled(volume: torch.Tensor, matrix: torch.Tensor, translation_px: torch.Tensor) -> torch.Tensor:
     """``V'(x) = V(M (x - v))`` (x, y, z voxel offsets from the centre), trilinear."""
-    from cryofire.model.em_init import sample_slices, voxel_offsets
+    from cryofire.model.trilinear import sample_slices, voxel_offsets
 
     size = volume.shape[-1]
     points = voxel_offsets(size)
