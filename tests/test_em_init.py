@@ -17,7 +17,9 @@ from cryofire.model.em_init import (
     class_frames,
     in_first_class_frame,
     real_space_maps,
+    reconstruct,
     refine,
+    worst_fits,
 )
 from cryofire.model.image_formation import observed_spectrum, recentre
 from cryofire.model.trilinear import fit_rigid_part, insert_slices, sample_slices, voxel_offsets
@@ -25,6 +27,8 @@ from cryofire.simulate import SimulationConfig, simulate_dataset
 from cryofire.simulate.dataset import ImageModel, draw_metadata
 from cryofire.train import TrainConfig, train
 from cryofire.train.checkpoint import load_checkpoint
+from cryofire.train.infer import infer
+from cryofire.train.loop import split_rows
 from cryofire.train.data import CTF_PARAMETER_COLUMNS, ctf_from_parameters
 
 
@@ -38,9 +42,9 @@ def test_insert_is_the_adjoint_of_the_trilinear_slice():
     assert torch.allclose(left, right, rtol=1e-5)
 
 
-def test_refinement_from_perturbed_poses_recovers_them():
-    """Maps rebuilt from poses 10 deg off, then local searches, bring SNR-1 images of one state close to the truth."""
-    size, n_images = 24, 400
+def _one_state_images(size: int, n_images: int) -> tuple:
+    """SNR-1 images of one state (D=size) as an EM sees them: an EM (1 class), spectra, CTFs, true rotations and
+    shifts (px)."""
     config = SimulationConfig(n_images=n_images, box_size=size, pixel_size_angstrom=160 / size, snr=1.0,
                               shift_std_px=1.0, state_weights=[1.0, 0.0], seed=2)
     table = draw_metadata(config)
@@ -55,14 +59,37 @@ def test_refinement_from_perturbed_poses_recovers_them():
     observed = observed_spectrum(images * physics.soft_circular_window(size, 0.85, 0.99).float(), em.lattice, count)
     parameters = torch.tensor(table[list(CTF_PARAMETER_COLUMNS)].to_numpy(np.float32))
     ctf = em.lattice.gather(ctf_from_parameters(parameters, size), count)
-    noise = torch.randn(n_images, 3, generator=torch.Generator().manual_seed(1))
+    return em, observed, ctf, truth, shifts
+
+
+def test_refinement_from_perturbed_poses_recovers_them():
+    """Maps rebuilt from poses 10 deg off, then local searches, bring SNR-1 images of one state close to the truth."""
+    em, observed, ctf, truth, shifts = _one_state_images(24, 400)
+    noise = torch.randn(len(truth), 3, generator=torch.Generator().manual_seed(1))
     rotations = physics.axis_angle_to_matrix(noise * np.deg2rad(10.0) / np.sqrt(3)).float() @ truth
     start = np.median(rotation_errors_deg(rotations.double().numpy(), truth.double().numpy()))
-    classes = torch.zeros(n_images, dtype=torch.long)
+    classes = torch.zeros(len(truth), dtype=torch.long)
     for radius in (6, 9, 12):
         rotations, shifts, classes = refine(em, observed, ctf, rotations, shifts, classes, radius, global_rotations=0)
     end = np.median(rotation_errors_deg(rotations.double().numpy(), truth.double().numpy()))
     assert start > 7.0 and end < 0.5 * start
+
+
+def test_the_images_in_a_wrong_basin_are_among_the_worst_fits():
+    """A quarter of the images start at random rotations: after a local search they still fit worst, so the 40 %
+    that refinement searches globally again hold them."""
+    em, observed, ctf, truth, shifts = _one_state_images(24, 400)
+    classes = torch.zeros(len(truth), dtype=torch.long)
+    reconstruct(em, observed, ctf, truth, shifts, classes, 12)
+    lost = torch.arange(len(truth)) % 4 == 0
+    start = torch.where(lost[:, None, None], physics.random_rotations(len(truth), generator=torch.Generator()
+                                                                      .manual_seed(5)).float(), truth)
+    count = em.lattice.count_within(12)
+    rotations, _, scores = em.local_search(0, observed[:, :count], ctf[:, :count], start, shifts, 8.0, 0.5, 3, 48)
+    still_lost = torch.from_numpy(rotation_errors_deg(rotations.double().numpy(), truth.double().numpy()) > 20)
+    flagged = torch.zeros(len(truth), dtype=torch.bool)
+    flagged[worst_fits(scores, observed[:, :count], 0.4)] = True
+    assert still_lost.sum() > 80 and (flagged & still_lost).sum() >= 0.95 * still_lost.sum()
 
 
 SMALL_MODEL = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
@@ -76,20 +103,30 @@ def particles(tmp_path_factory) -> str:
     return str(simulate_dataset(config, folder))
 
 
-def test_training_with_the_em_teacher_logs_its_targets(particles, tmp_path):
+def test_training_with_the_em_teacher_logs_its_targets_and_writes_its_poses_and_classes(particles, tmp_path):
     config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=SMALL_MODEL, search_fraction=1.0,
-                         teacher="em", em_iterations=20)
+                         teacher="em", em_iterations=20, val_fraction=0.25)
     run = train(particles, tmp_path / "run", config)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     searches = [r for r in records if r["event"] == "search"]
-    assert len(searches) == 1 and sum(searches[0]["em_class_sizes"]) == 128
+    assert len(searches) == 1 and sum(searches[0]["em_class_sizes"]) == 96  # the training rows
     assert 0.0 <= searches[0]["target_rotation_error_median_deg"] <= 180.0
-    # taught for the whole run: poses.star holds the teacher's poses (RELION angles of its matrices)
+    # taught for the whole run: poses.star holds the teacher's poses (RELION angles of its matrices) and classes
+    # (1-based) for the training rows, the encoder's classes (its first 2 latent coordinates) for the held-out rows
     teacher = load_checkpoint(run / "checkpoint.pt")["teacher"]
     written = read_star(run / "poses.star", allow_absolute_paths=True)
     angles = [torch.tensor(written[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
     matrices = physics.euler_to_matrix(*angles).float()
-    assert torch.allclose(matrices, teacher["rotations"], atol=1e-4)
+    taught = np.ones(len(written), bool)
+    taught[split_rows(len(written), config.val_fraction, config.seed)[1]] = False
+    assert torch.allclose(matrices[taught], teacher["rotations"][taught], atol=1e-4)
+    classes = written["rlnClassNumber"].to_numpy()
+    np.testing.assert_array_equal(classes[taught], teacher["classes"].numpy()[taught] + 1)
+    latents = np.load(run / "latents.npy")
+    np.testing.assert_array_equal(classes[~taught], latents[~taught, :2].argmax(1) + 1)
+    # `cryofire infer` gives the same images the encoder's classes
+    inferred = read_star(infer(run, particles, tmp_path / "infer") / "poses.star", allow_absolute_paths=True)
+    np.testing.assert_array_equal(inferred["rlnClassNumber"].to_numpy(), latents[:, :2].argmax(1) + 1)
 
 
 def _turned(volume: torch.Tensor, rotation: torch.Tensor, translation_px: torch.Tensor) -> torch.Tensor:

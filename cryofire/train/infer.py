@@ -18,7 +18,7 @@ from cryofire.model import CryoFireModel, ModelConfig
 from cryofire.train.checkpoint import load_checkpoint
 from cryofire.train.config import TrainConfig
 from cryofire.train.data import ParticleImages, has_poses
-from cryofire.train.predict import predict_dataset, save_predictions
+from cryofire.train.predict import encoder_classes, predict_dataset, save_predictions
 
 
 def load_trained_model(run_dir: str | Path, device: torch.device) -> tuple[CryoFireModel, TrainConfig, int]:
@@ -51,6 +51,9 @@ def infer(
                             "so the images need poses")
     options = replace(train_config, batch_size=max(1, batch_size // 4), device=device, num_workers=0)
     predictions = predict_dataset(model, dataset, images_seen, torch_device, options)
+    classes = encoder_classes(train_config, predictions["z"])
+    if classes is not None:
+        predictions["classes"] = classes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_predictions(out_dir, table, predictions)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cryofire.errors import CryofireError
+from cryofire.errors import ConfigError, CryofireError
 from cryofire.io import read_particles
 from cryofire.model import CryoFireModel, ModelConfig
 from cryofire.model.em_init import EMConfig
@@ -43,7 +43,7 @@ from cryofire.train.distributed import (
     shutdown,
     wait_for_all,
 )
-from cryofire.train.predict import predict_dataset, rotation_error_summary, save_predictions
+from cryofire.train.predict import encoder_classes, predict_dataset, rotation_error_summary, save_predictions
 from cryofire.train.teacher import EMTeacher, PoseTeacher, target_rotation_error
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -105,6 +105,9 @@ class Trainer:
             {**config.model, "box_size": self.train_set.image_size, "pose_mode": config.poses,
              "planned_images": max(planned, 1)}
         )
+        if config.teacher == "em" and config.search_fraction > 0 and 0 < model_config.zdim < config.em_classes:
+            raise ConfigError(f"em_classes {config.em_classes} needs zdim >= {config.em_classes}: the encoder learns "
+                              "the teacher's classes in its first em_classes latent coordinates")
         self.model = CryoFireModel(model_config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
@@ -115,7 +118,8 @@ class Trainer:
         self.teacher = None
         if config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em":
             self.teacher = EMTeacher(len(self.table), model_config.planned_images, config.search_fraction,
-                                     EMConfig(iterations=config.em_iterations, seed=config.seed))
+                                     EMConfig(iterations=config.em_iterations, classes=config.em_classes,
+                                              seed=config.seed))
         elif config.poses == "abinit" and config.search_fraction > 0:
             self.teacher = PoseTeacher(len(self.table), model_config.planned_images, config.search_fraction,
                                        config.search_every_images or max(len(train_rows) // 2, 1),
@@ -305,17 +309,23 @@ class Trainer:
 
     def finish(self) -> None:
         """Predict every image (input order) and write poses.star, latents.npy, weights.pt (rank 0 only). With a
-        teacher for the whole run (``search_fraction`` 1) the training images' poses are the teacher's."""
+        teacher for the whole run (``search_fraction`` 1) the training images' poses (and the "em" teacher's classes,
+        rlnClassNumber) are the teacher's; the encoder gives the classes of the other images."""
         if not self.launch.is_main:
             return
         everything = ParticleImages(self.table)
         predictions = predict_dataset(self.model, everything, self.images_seen, self.device, self.config)
+        classes = encoder_classes(self.config, predictions["z"])
         if self.teacher is not None and self.config.search_fraction >= 1.0:
             # The decoder was fitted at the teacher's poses all along: those are the training images' poses.
             rows = predictions["index"]
             taught = np.isin(rows, self.train_set.rows)
             predictions["rotations"][taught] = self.teacher.rotations[rows[taught]].numpy()
             predictions["shifts_px"][taught] = self.teacher.shifts_px[rows[taught]].numpy()
+            if classes is not None:
+                classes[taught] = self.teacher.classes[rows[taught]].numpy()
+        if classes is not None:
+            predictions["classes"] = classes
         save_predictions(self.run_dir, self.table, predictions)
         weights = {"model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
                    "train_config": self.config.to_dict(), "images_seen": self.images_seen, "data": self.data_info}

@@ -55,8 +55,21 @@ def rotation_error_summary(
     return {"rotation_error_median_deg": float(np.median(errors)), "shift_error_median_px": float(np.median(shift_errors))}
 
 
+def encoder_classes(config, z: np.ndarray) -> np.ndarray | None:
+    """The classes (N,) 0-based the encoder of a run taught by the "em" teacher predicts: the largest of the first
+    ``em_classes`` latent coordinates of z (N, zdim), which learned the teacher's classes; None for other runs.
+    `config` is the run's TrainConfig."""
+    taught = config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em"
+    if not taught or z.shape[1] < config.em_classes:
+        return None
+    return z[:, : config.em_classes].argmax(1)
+
+
 def save_predictions(run_dir: Path, table: pd.DataFrame, predictions: dict[str, np.ndarray]) -> None:
-    """poses.star (RELION 3.1, input order) and latents.npy (N, zdim) float32."""
+    """poses.star (RELION 3.1, input order; rlnClassNumber from ``predictions["classes"]`` when there) and
+    latents.npy (N, zdim) float32."""
     order = np.argsort(predictions["index"])
-    write_poses_star(run_dir / "poses.star", table, predictions["rotations"][order], predictions["shifts_px"][order])
+    classes = predictions.get("classes")
+    write_poses_star(run_dir / "poses.star", table, predictions["rotations"][order], predictions["shifts_px"][order],
+                     None if classes is None else classes[order])
     save_npy(run_dir / "latents.npy", predictions["z"][order].astype(np.float32))
