@@ -9,7 +9,8 @@ Steps (all through the cryofire library, as the CLI would run them):
    training, only to log the rotation error per epoch).
 3. The last `--n-heldout` particles are encoded by `cryofire infer` with the trained model.
 4. Metrics (`cryofire.evaluate`): median rotation error after global alignment (both hands), shift error, and the
-   confusion of k-means (k = 2) labels of the latents against the true states, on the training and held-out sets;
+   confusion of k-means (k = 2) labels of the latents against the true states, on the training and held-out sets
+   (for a run taught by the "em" teacher also that of the classes it wrote, rlnClassNumber);
    the FSC of the two cluster-centre volumes (`cryofire analyze --k 2`, `cryofire volume --clusters`) against the
    true states they match, after moving them into the truth's frame; wall time and images/s of training.
 Writes `<out>/accuracy.json` and prints a summary line for bench/RESULTS.md.
@@ -47,12 +48,16 @@ def prepare(out: Path, box: int, n_train: int, n_heldout: int, seed: int) -> tup
     return out / "prep" / "train.star", out / "prep" / "heldout.star"
 
 
-def score(pred_star: Path, true_table, latents: np.ndarray, seed: int) -> dict:
-    """Pose errors and the confusion of 2-means latent labels against the true states."""
+def score(pred_star: Path, true_table, latents: np.ndarray, seed: int, run_classes: bool) -> dict:
+    """Pose errors and the confusion of 2-means latent labels against the true states; with ``run_classes`` (an
+    "em"-taught run, whose poses.star holds its own rlnClassNumber) also the confusion of those classes."""
     predicted = read_star(pred_star, allow_absolute_paths=True)
     metrics = pose_metrics(predicted, true_table)
+    truth = true_table["rlnClassNumber"].to_numpy()
     labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(latents)
-    metrics["confusion_rate"] = confusion(labels, true_table["rlnClassNumber"].to_numpy())["confusion_rate"]
+    metrics["confusion_rate"] = confusion(labels, truth)["confusion_rate"]
+    if run_classes:
+        metrics["class_confusion_rate"] = confusion(predicted["rlnClassNumber"].to_numpy(), truth)["confusion_rate"]
     return metrics
 
 
@@ -88,22 +93,24 @@ def main() -> None:
     started = time.time()
     inferred = infer(run, heldout_star, args.out / "heldout")
     infer_seconds = time.time() - started
+    taught = config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em"
 
     result = {
         "box": args.box, "n_train": args.n_train, "n_heldout": args.n_heldout, "epochs": args.epochs,
         "model": args.model, "train_options": args.train,
         "train_wall_s": train_seconds, "train_images_per_s": args.epochs * args.n_train / train_seconds,
         "infer_wall_s": infer_seconds, "infer_images_per_s": args.n_heldout / infer_seconds,
-        "train": score(run / "poses.star", read_star(train_star), np.load(run / "latents.npy"), args.seed),
+        "train": score(run / "poses.star", read_star(train_star), np.load(run / "latents.npy"), args.seed, taught),
         "heldout": score(inferred / "poses.star", read_star(heldout_star), np.load(inferred / "latents.npy"),
-                         args.seed),
+                         args.seed, taught),
     }
     result["state_fsc"] = state_fsc(run, args.out / "sim", read_star(train_star), result["train"], args.seed)
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=1))
     for split in ("train", "heldout"):
         m = result[split]
         print(f"{split}: rotation error median {m['rotation_error_median_deg']:.2f} deg, shift error median "
-              f"{m['shift_error_median_px']:.2f} px, confusion {100 * m['confusion_rate']:.1f} %")
+              f"{m['shift_error_median_px']:.2f} px, confusion {100 * m['confusion_rate']:.1f} %"
+              + (f" (latents), {100 * m['class_confusion_rate']:.1f} % (rlnClassNumber)" if taught else ""))
     for m in result["state_fsc"]:
         print(f"state {m['true_class']} (cluster {m['cluster']}): FSC 0.5 at {m['resolution_fsc0.5_angstrom']:.1f} Å, "
               f"0.143 at {m['resolution_fsc0.143_angstrom']:.1f} Å")

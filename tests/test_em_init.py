@@ -15,7 +15,9 @@ from cryofire.model.em_init import (
     EMConfig,
     StochasticEM,
     class_frames,
+    explained_power,
     in_first_class_frame,
+    initial_poses,
     real_space_maps,
     reconstruct,
     refine,
@@ -92,6 +94,31 @@ def test_the_images_in_a_wrong_basin_are_among_the_worst_fits():
     assert still_lost.sum() > 80 and (flagged & still_lost).sum() >= 0.95 * still_lost.sum()
 
 
+def test_maps_from_the_true_poses_explain_more_of_the_images_than_maps_from_wrong_ones():
+    """The criterion that picks the best EM start: maps rebuilt from the true poses explain more of SNR-1 images'
+    power than maps rebuilt from random poses."""
+    em, observed, ctf, truth, shifts = _one_state_images(24, 400)
+    classes = torch.zeros(len(truth), dtype=torch.long)
+    wrong = physics.random_rotations(len(truth), generator=torch.Generator().manual_seed(3)).float()
+    explained = []
+    for rotations in (truth, wrong):
+        reconstruct(em, observed, ctf, rotations, shifts, classes, em.config.end_radius_px)
+        explained.append(explained_power(em, observed[:100], ctf[:100]))
+    assert explained[0] > explained[1] + 0.05
+
+
+@pytest.mark.parametrize("seed", [5, 6])  # the best start is the last with seed 5, the first with seed 6
+def test_the_em_start_whose_maps_explain_the_images_best_is_kept(seed):
+    em, observed, ctf, *_ = _one_state_images(16, 128)
+    seen = {}
+    config = EMConfig(classes=1, iterations=30, refine_rounds=1, research_fraction=0.0, starts=3, probe_images=64,
+                      seed=seed)
+    kept, *_ = initial_poses(observed, ctf, 16, config,
+                             progress=lambda stage, info, poses: seen.update({info["start"]: info["explained_power"]})
+                             if stage == "start" else None)
+    assert len(seen) == 3 and kept.config.seed == seed + 1000 * (max(seen, key=seen.get) - 1)
+
+
 SMALL_MODEL = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
                "decoder_depth": 1, "num_fourier_features": 16, "zdim": 2}
 
@@ -105,7 +132,7 @@ def particles(tmp_path_factory) -> str:
 
 def test_training_with_the_em_teacher_logs_its_targets_and_writes_its_poses_and_classes(particles, tmp_path):
     config = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, model=SMALL_MODEL, search_fraction=1.0,
-                         teacher="em", em_iterations=20, val_fraction=0.25)
+                         teacher="em", em_iterations=20, em_starts=2, val_fraction=0.25)
     run = train(particles, tmp_path / "run", config)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     searches = [r for r in records if r["event"] == "search"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,6 +52,8 @@ class EMConfig:
     image whose particle sits further out is given a wrong pose: 55 % of those beyond 3 px on the simulated set).
     Each refinement round searches globally again the ``research_fraction`` of the images that fit worst after the
     local search (:func:`worst_fits`; 40 % of them hold ~88 % of the images > 20° off on the simulated set).
+    The stochastic EM runs from ``starts`` random starts (half of them ended in a wrong optimum on one simulated set);
+    the one whose maps explain ``probe_images`` of the images best is kept (:func:`explained_power`).
     """
 
     iterations: int = 700
@@ -74,6 +76,8 @@ class EMConfig:
     split_fraction: float = 0.3
     split_iterations: int = 20
     refine_rounds: int = 5
+    starts: int = 4
+    probe_images: int = 1000
     research_fraction: float = 0.4
     seed: int = 0
 
@@ -373,7 +377,6 @@ def reconstruct(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rot
     em.update_maps(count)
 
 
-@torch.no_grad()
 def worst_fits(scores: torch.Tensor, observed: torch.Tensor, fraction: float) -> torch.Tensor:
     """Indices of the ``fraction`` of the images whose best pose explains the smallest part of their power: the
     lowest ``-score / |Y|^2`` (scores (B,) of :func:`fit_scores` at spectra ``observed`` (B, n, 2)). An image in a
@@ -382,6 +385,7 @@ def worst_fits(scores: torch.Tensor, observed: torch.Tensor, fraction: float) ->
     return explained.argsort()[: math.ceil(fraction * len(scores))]
 
 
+@torch.no_grad()
 def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
            shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, start_angle_deg: float = 8.0,
            rounds: int = 3, candidates: int = 48, global_rotations: int = 8192, global_radius_px: float = 7.0,
@@ -445,10 +449,21 @@ def in_first_class_frame(rotations: torch.Tensor, shifts: torch.Tensor, classes:
     return new_r, new_t
 
 
+def explained_power(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -> float:
+    """Mean fraction of the images' power (spectra (B, M, 2), CTF (B, M)) that their best poses and classes
+    (:meth:`StochasticEM.assign` within ``end_radius_px``) explain, ``-score / |Y|^2``: a stochastic EM stuck in a
+    wrong optimum explains less (on the simulated set 0.62-0.63 against 0.656-0.658 for the starts that converged)."""
+    radius = em.config.end_radius_px
+    *_, scores = em.assign(observed, ctf, radius)
+    count = em.lattice.count_within(radius)
+    return float((-scores / observed[:, :count].to(em.device).square().sum((-2, -1))).mean())
+
+
 def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
                   device: torch.device | str = "cpu", progress: Callable[[str, dict, tuple | None], None] | None = None
                   ) -> tuple[StochasticEM, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ab initio poses and classes of a set of images: stochastic EM at low resolution, a global assignment, then
+    """Ab initio poses and classes of a set of images: stochastic EM at low resolution from ``starts`` random
+    starts, the one whose maps explain the images best (:func:`explained_power`) kept, a global assignment, then
     ``refine_rounds`` refinement rounds with the radius growing from ``end_radius_px`` to Nyquist (D / 2).
 
     Args:
@@ -461,14 +476,21 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     Returns the EM state (its maps are those of the last round) and the rotations (N, 3, 3) RELION matrices,
     re-centring shifts (N, 2) px and classes (N,) of the images, on ``device``.
     """
-    em = StochasticEM(box_size, len(observed), config, device)
-    generator = torch.Generator().manual_seed(config.seed + 1)
     report = progress or (lambda stage, info, poses: None)
-    for iteration in range(config.iterations):
-        rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
-        info = em.iterate(observed[rows], ctf[rows], rows)
-        if iteration % 100 == 99:
-            report("em", {"iteration": iteration + 1, **info}, None)
+    probe = torch.randperm(len(observed), generator=torch.Generator().manual_seed(config.seed))[: config.probe_images]
+    em, best = None, -math.inf
+    for start in range(config.starts):
+        candidate = StochasticEM(box_size, len(observed), replace(config, seed=config.seed + 1000 * start), device)
+        generator = torch.Generator().manual_seed(candidate.config.seed + 1)
+        for iteration in range(config.iterations):
+            rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
+            info = candidate.iterate(observed[rows], ctf[rows], rows)
+            if iteration % 100 == 99:
+                report("em", {"start": start + 1, "iteration": iteration + 1, **info}, None)
+        explained = explained_power(candidate, observed[probe], ctf[probe])
+        report("start", {"start": start + 1, "explained_power": explained}, None)
+        if explained > best:
+            em, best = candidate, explained
     parts = [em.assign(observed[part], ctf[part], config.end_radius_px)
              for part in torch.arange(len(observed), device=em.device).split(500)]
     rotations, shifts, classes, _ = (torch.cat(values) for values in zip(*parts))

@@ -47,6 +47,8 @@ class TrainConfig:
             initio run once before training: stochastic EM with two class maps, then refinement to Nyquist;
             :mod:`cryofire.model.em_init`) or "search" (a global search against the model's own map, repeated).
         em_iterations: minibatch iterations of the "em" teacher's stochastic EM (64 images each).
+        em_starts: random starts of the "em" teacher's stochastic EM; the one whose maps explain the images best
+            is kept (a start can end in a wrong optimum).
         em_classes: class maps of the "em" teacher (discrete conformations, as RELION's Class3D K); the encoder
             learns them in its first ``em_classes`` latent coordinates and poses.star gets them as rlnClassNumber.
         search_every_images: images between two pose searches (0 = twice per epoch; "search" teacher).
@@ -72,6 +74,7 @@ class TrainConfig:
     search_fraction: float = 0.0
     teacher: str = "em"
     em_iterations: int = 700
+    em_starts: int = 4
     em_classes: int = 2
     search_every_images: int = 0
     search_rotations: int = 8192
@@ -87,7 +90,7 @@ class TrainConfig:
             "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
             "log_every_steps": self.log_every_steps >= 1, "search_fraction": 0.0 <= self.search_fraction <= 1.0,
             "teacher": self.teacher in ("em", "search"), "em_iterations": self.em_iterations >= 1,
-            "em_classes": self.em_classes >= 1,
+            "em_starts": self.em_starts >= 1, "em_classes": self.em_classes >= 1,
             "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
             "search_max_radius_px": self.search_max_radius_px >= 1.0,
         }

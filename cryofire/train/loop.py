@@ -119,7 +119,7 @@ class Trainer:
         if config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em":
             self.teacher = EMTeacher(len(self.table), model_config.planned_images, config.search_fraction,
                                      EMConfig(iterations=config.em_iterations, classes=config.em_classes,
-                                              seed=config.seed))
+                                              starts=config.em_starts, seed=config.seed))
         elif config.poses == "abinit" and config.search_fraction > 0:
             self.teacher = PoseTeacher(len(self.table), model_config.planned_images, config.search_fraction,
                                        config.search_every_images or max(len(train_rows) // 2, 1),
