@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--model", type=json.loads, default={}, help="ModelConfig overrides as JSON")
     parser.add_argument("--train", type=json.loads, default={}, help="TrainConfig overrides as JSON")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the EM teacher's stages
 
     train_star, heldout_star = prepare(args.out, args.box, args.n_train, args.n_heldout, args.seed)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, model=args.model, **args.train)
