@@ -95,7 +95,7 @@ def main() -> None:
     started = time.time()
     inferred = infer(run, heldout_star, args.out / "heldout")
     infer_seconds = time.time() - started
-    taught = config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em"
+    taught = config.taught_by_em
 
     result = {
         "box": args.box, "n_train": args.n_train, "n_heldout": args.n_heldout, "epochs": args.epochs,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cryofire import physics
+from cryofire.errors import ConfigError
 from cryofire.evaluate import rotation_errors_deg
 from cryofire.io import read_star
 from cryofire.model.em_init import (
@@ -222,3 +223,9 @@ def test_training_with_the_search_teacher_logs_its_searches(particles, tmp_path)
     run = train(particles, tmp_path / "run", config)
     searches = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"search"' in line]
     assert len(searches) >= 1 and all(0.0 <= r["target_rotation_error_median_deg"] <= 180.0 for r in searches)
+
+
+def test_more_em_classes_than_latent_coordinates_is_refused(particles, tmp_path):
+    config = TrainConfig(epochs=1, model={**SMALL_MODEL, "zdim": 1}, search_fraction=1.0, teacher="em", em_classes=2)
+    with pytest.raises(ConfigError, match="em_classes 2 needs zdim >= 2"):
+        train(particles, tmp_path / "run", config)

@@ -102,6 +102,11 @@ class TrainConfig:
         if unknown or derived:
             raise ConfigError(f"model option(s) not allowed here: {', '.join(sorted(unknown | derived))}")
 
+    @property
+    def taught_by_em(self) -> bool:
+        """Whether the classical ab initio teacher ("em") gives the run its poses and classes for a while."""
+        return self.poses == "abinit" and self.search_fraction > 0 and self.teacher == "em"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

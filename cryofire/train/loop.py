@@ -105,7 +105,7 @@ class Trainer:
             {**config.model, "box_size": self.train_set.image_size, "pose_mode": config.poses,
              "planned_images": max(planned, 1)}
         )
-        if config.teacher == "em" and config.search_fraction > 0 and 0 < model_config.zdim < config.em_classes:
+        if config.taught_by_em and 0 < model_config.zdim < config.em_classes:
             raise ConfigError(f"em_classes {config.em_classes} needs zdim >= {config.em_classes}: the encoder learns "
                               "the teacher's classes in its first em_classes latent coordinates")
         self.model = CryoFireModel(model_config).to(self.device)
@@ -116,7 +116,7 @@ class Trainer:
             self.forward_model = self.wrap_data_parallel()
         self.epoch, self.images_seen, self.bad_steps = 0, 0, 0
         self.teacher = None
-        if config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em":
+        if config.taught_by_em:
             self.teacher = EMTeacher(len(self.table), model_config.planned_images, config.search_fraction,
                                      EMConfig(iterations=config.em_iterations, classes=config.em_classes,
                                               starts=config.em_starts, seed=config.seed))

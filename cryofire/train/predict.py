@@ -59,8 +59,7 @@ def encoder_classes(config, z: np.ndarray) -> np.ndarray | None:
     """The classes (N,) 0-based the encoder of a run taught by the "em" teacher predicts: the largest of the first
     ``em_classes`` latent coordinates of z (N, zdim), which learned the teacher's classes; None for other runs.
     `config` is the run's TrainConfig."""
-    taught = config.poses == "abinit" and config.search_fraction > 0 and config.teacher == "em"
-    if not taught or z.shape[1] < config.em_classes:
+    if not config.taught_by_em or z.shape[1] < config.em_classes:
         return None
     return z[:, : config.em_classes].argmax(1)
 
