@@ -22,7 +22,8 @@ import torch
 
 from abinit_em import load_spectra
 from cryofire.io import read_star
-from cryofire.model.em_init import EMConfig, StochasticEM, reconstruct
+from cryofire.model.em_init import EMConfig, StochasticEM
+from cryofire.model.em_refine import reconstruct
 from cryofire.model.encoder import EncoderConfig, ImageEncoder
 from cryofire.model.image_formation import recentre
 from cryofire.physics import (fft2_centered, geodesic_distance_deg, ifft2_centered, random_rotations,

@@ -12,13 +12,10 @@ from cryofire import physics
 from cryofire.errors import ConfigError
 from cryofire.evaluate import rotation_errors_deg
 from cryofire.io import read_star
-from cryofire.model.em_init import (
-    EMConfig,
-    StochasticEM,
+from cryofire.model.em_init import EMConfig, StochasticEM, explained_power, initial_poses
+from cryofire.model.em_refine import (
     class_frames,
-    explained_power,
     in_first_class_frame,
-    initial_poses,
     real_space_maps,
     reconstruct,
     refine,
