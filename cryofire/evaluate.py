@@ -150,10 +150,11 @@ def volume_in_true_frame(volume: np.ndarray, reference: np.ndarray, alignment: P
 
     Poses ``true ~ H P H Q`` (:class:`PoseAlignment`) mean ``V_true(p) = V_pred(H Q p)`` (p voxel offsets (x, y, z)
     from the centre); the map is resampled so (trilinear), then superposed on the reference by a small rigid fit
-    (:func:`cryofire.model.trilinear.fit_rigid_part`): the translation of an ab initio map is as free as its
+    (:func:`cryofire.model.superpose.fit_rigid_part`): the translation of an ab initio map is as free as its
     rotation, and the pose alignment leaves a residual of a degree or so.
     """
-    from cryofire.model.trilinear import fit_rigid_part, sample_slices, voxel_offsets
+    from cryofire.model.superpose import fit_rigid_part
+    from cryofire.model.trilinear import sample_slices, voxel_offsets
 
     size = volume.shape[-1]
     hand = _HAND_FLIP if alignment.mirrored_hand else np.eye(3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ from cryofire.model.em_refine import (
     worst_fits,
 )
 from cryofire.model.image_formation import observed_spectrum, recentre
-from cryofire.model.trilinear import fit_rigid_part, insert_slices, sample_slices, voxel_offsets
+from cryofire.model.superpose import RigidFit, fit_rigid_part, point_reflection
+from cryofire.model.trilinear import insert_slices, sample_slices, voxel_offsets
 from cryofire.simulate import SimulationConfig, simulate_dataset
 from cryofire.simulate.dataset import ImageModel, draw_metadata
 from cryofire.train import TrainConfig, train
@@ -180,16 +182,49 @@ def test_two_conformations_are_superposed_by_their_rigid_part():
     em.volume_ft[0] = _padded_ft(states[0])
     em.volume_ft[1] = _padded_ft(_turned(states[1], rotation, translation))
 
-    (_, _), (fitted_r, fitted_t) = class_frames(em)
-    error_deg = rotation_errors_deg(fitted_r[None].double().numpy(), rotation[None].double().numpy())[0]
-    assert error_deg < 3.0 and (fitted_t - translation).norm() < 0.5
+    identity, fitted = class_frames(em)
+    assert not identity.mirrored and not fitted.mirrored
+    error_deg = rotation_errors_deg(fitted.rotation[None].double().numpy(), rotation[None].double().numpy())[0]
+    assert error_deg < 3.0 and (fitted.translation - translation).norm() < 0.5
     whole, _ = fit_rigid_part(real_space_maps(em)[0], real_space_maps(em)[1], torch.Generator().manual_seed(0),
                               passes=1)  # the compromise, for contrast
     assert rotation_errors_deg(whole[None].double().numpy(), rotation[None].double().numpy())[0] > 10.0
 
 
-def test_poses_in_a_turned_and_moved_class_map_are_re_expressed_in_the_first():
-    """A slice of ``V'(x) = V(R^T (x - v))`` at pose A, shift t equals the slice of V at the re-expressed pose."""
+@pytest.mark.parametrize("size", [6, 7])
+def test_point_reflection_sends_each_voxel_to_minus_its_offset(size):
+    """A single voxel at offset p (from the centre voxel ``size // 2``) lands at -p, for even and odd grids."""
+    grid = torch.zeros(size, size, size)
+    centre = size // 2
+    grid[centre + 2, centre - 1, centre + 1] = 1.0  # [z, y, x]
+    reflected = point_reflection(grid[None])[0]
+    assert reflected[centre - 2, centre + 1, centre - 1] == 1.0 and reflected.sum() == 1.0
+
+
+def test_a_class_map_in_the_other_hand_is_superposed_by_its_mirror_image():
+    """The second state of the phantom in the other hand (point reflection), turned 120 degrees and moved: the fit
+    finds the mirror, that turn and that move; a local fit from the identity could not reach them."""
+    size = 32
+    config = SimulationConfig(n_images=4, box_size=size, pixel_size_angstrom=160 / size, seed=5)
+    model = ImageModel(config, draw_metadata(config))
+    states = [model.true_volume(state=k).float() for k in (0, 1)]
+    axis = torch.tensor([1.2, -1.1, 1.0])
+    rotation = physics.axis_angle_to_matrix(axis * (math.radians(120.0) / axis.norm()))
+    translation = torch.tensor([-0.7, 1.2, 0.5])
+    em = StochasticEM(size, 0, EMConfig(classes=2))
+    em.volume_ft[0] = _padded_ft(states[0])
+    em.volume_ft[1] = _padded_ft(point_reflection(_turned(states[1], rotation, translation)[None])[0])
+
+    fitted = class_frames(em)[1]
+    assert fitted.mirrored
+    error_deg = rotation_errors_deg(fitted.rotation[None].double().numpy(), rotation[None].double().numpy())[0]
+    assert error_deg < 3.0 and (fitted.translation - translation).norm() < 0.5
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_poses_in_a_turned_and_moved_class_map_are_re_expressed_in_the_first(mirrored):
+    """A slice of ``V'(x) = V(R^T (x - v))``, or of its point reflection ``V'(-x)`` (the other hand), at pose A
+    and shift t equals the slice of V at the re-expressed pose and shift."""
     size = 16
     generator = torch.Generator().manual_seed(6)
     volume = torch.nn.functional.pad(torch.rand(8, 8, 8, generator=generator), (4,) * 6)
@@ -198,11 +233,14 @@ def test_poses_in_a_turned_and_moved_class_map_are_re_expressed_in_the_first():
     rotation = physics.axis_angle_to_matrix(torch.tensor([0.2, 0.1, -0.3]))
     translation = torch.tensor([0.6, -1.1, 0.4])
     em = StochasticEM(size, 0, EMConfig(classes=2))
-    em.volume_ft[0], em.volume_ft[1] = _padded_ft(volume), _padded_ft(_turned(volume, rotation, translation))
+    moved = _turned(volume, rotation, translation)
+    em.volume_ft[0] = _padded_ft(volume)
+    em.volume_ft[1] = _padded_ft(point_reflection(moved[None])[0] if mirrored else moved)
     poses = physics.random_rotations(5, generator=generator).float()
     shifts = torch.randn(5, 2, generator=generator)
     new_r, new_t = in_first_class_frame(poses, shifts, torch.ones(5, dtype=torch.long),
-                                        [(torch.eye(3), torch.zeros(3)), (rotation, translation)])
+                                        [RigidFit(torch.eye(3), torch.zeros(3), False, 1.0),
+                                         RigidFit(rotation, translation, mirrored, 1.0)])
     count = em.lattice.count_within(size / 4)
     coords = em.lattice.coords[:count]
 

@@ -16,8 +16,9 @@ two stages, and the trainer uses the result as the encoder's pose targets during
    decay by ``1 - forgetting`` (online EM), the map is their Wiener ratio, masked by a soft sphere.
 2. **One frame**: the classes share one map for the first ``split_fraction`` of the iterations, then split (a few
    iterations of random hard class assignments break the symmetry), so all start in one frame; as they drift apart
-   by some degrees and pixels, each refinement round superposes every class map on class 0's by their common
-   (rigid) part and re-expresses the poses and shifts of its images in class 0's frame (``class_frames``).
+   (by degrees and pixels, or into the other hand: a projection cannot tell), each refinement round superposes every
+   class map or its mirror image on class 0's by their common (rigid) part, from a global search, and re-expresses
+   the poses and shifts of its images in class 0's frame (``em_refine.class_frames``).
 3. **Refinement** (``em_refine.refine``): the maps rebuilt from hard assignments, then every image's best pose near its
    current one in every class map, or, for the images that fit worst there, from a fresh global search, and its
    best class; repeated while the radius grows to Nyquist.
@@ -76,7 +77,7 @@ class EMConfig:
     mask_fraction: float = 0.85
     split_fraction: float = 0.3
     split_iterations: int = 20
-    refine_rounds: int = 5
+    refine_rounds: int = 7
     starts: int = 4
     probe_images: int = 1000
     research_fraction: float = 0.4

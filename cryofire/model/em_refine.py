@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from cryofire.model.image_formation import recentre
-from cryofire.model.trilinear import fit_rigid_part, insert_slices
+from cryofire.model.superpose import RigidFit, point_reflection, superpose
+from cryofire.model.trilinear import insert_slices
 from cryofire.physics import ifft3_centered
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 def friedel_symmetrise(grid: torch.Tensor) -> torch.Tensor:
     """``g(k) + conj(g(-k))`` for centred (C, G, G, G) grids with channels (Re, Im, weight): Im is odd."""
-    mirrored = torch.roll(torch.flip(grid, dims=(-3, -2, -1)), shifts=(1, 1, 1), dims=(-3, -2, -1))
+    mirrored = point_reflection(grid)
     sign = torch.ones(grid.shape[0], 1, 1, 1, device=grid.device)
     sign[1] = -1.0
     return grid + sign * mirrored
@@ -94,25 +95,34 @@ def real_space_maps(em: StochasticEM) -> torch.Tensor:
     return ifft3_centered(em.volume_ft).real
 
 
-def class_frames(em: StochasticEM, keep_fraction: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each class map's rigid superposition (R, v) onto class 0's map by their common part
-    (:func:`fit_rigid_part`); class 0 gets the identity. After the split the class maps drift apart (rotation
-    and translation: both leave the likelihood unchanged), and one global frame is what users compare
+def class_frames(em: StochasticEM, keep_fraction: float = 0.5) -> list[RigidFit]:
+    """Each class map's rigid superposition onto class 0's map by their common part, in either hand
+    (:func:`superpose`); class 0 gets the identity. After the split the class maps drift apart (rotation and
+    translation leave the likelihood unchanged, and so does the hand), and one global frame is what users compare
     conformations in."""
     maps = real_space_maps(em)
-    identity = (torch.eye(3, device=em.device), torch.zeros(3, device=em.device))
-    return [identity] + [fit_rigid_part(maps[0], maps[k], em.generator, keep_fraction)
+    identity = RigidFit(torch.eye(3, device=em.device), torch.zeros(3, device=em.device), False, 1.0)
+    return [identity] + [superpose(maps[0], maps[k], em.generator, keep_fraction)
                          for k in range(1, em.config.classes)]
 
 
 def in_first_class_frame(rotations: torch.Tensor, shifts: torch.Tensor, classes: torch.Tensor,
-                         frames: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poses of the images of class k re-expressed in class 0's frame (:func:`class_frames`): if
-    ``V_k(R p + v) = V_0(p)``, the image at pose A and re-centring shift t (px) in map k is the image at pose
-    ``A R`` and shift ``t - (A v)_xy`` in map 0. Returns rotations (N, 3, 3) and shifts (N, 2)."""
+                         frames: list[RigidFit]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poses of the images of class k re-expressed in class 0's frame (:func:`class_frames`).
+
+    If ``V_k(R p + v) = V_0(p)``, the image at pose A and re-centring shift t (px) in map k is the image at pose
+    ``A R`` and shift ``t - (A v)_xy`` in map 0. If ``V_k(-(R p + v)) = V_0(p)`` (the other hand), it is the point
+    reflection of the image at pose ``A R`` shifted by ``-(A v)_xy``; a projection's point reflection is its
+    180-degree in-plane turn, so: pose ``diag(-1, -1, 1) A R`` and shift ``t + (A v)_xy``.
+    Returns rotations (N, 3, 3) and shifts (N, 2).
+    """
+    turn = torch.diag(torch.tensor([-1.0, -1.0, 1.0], device=rotations.device, dtype=rotations.dtype))
     new_r, new_t = rotations.clone(), shifts.clone()
-    for k, (rotation, translation) in enumerate(frames):
+    for k, frame in enumerate(frames):
         mine = classes == k
-        new_r[mine] = rotations[mine] @ rotation
-        new_t[mine] = shifts[mine] - (rotations[mine] @ translation)[:, :2]
+        moved = (rotations[mine] @ frame.translation)[:, :2]
+        if frame.mirrored:
+            new_r[mine], new_t[mine] = turn @ rotations[mine] @ frame.rotation, shifts[mine] + moved
+        else:
+            new_r[mine], new_t[mine] = rotations[mine] @ frame.rotation, shifts[mine] - moved
     return new_r, new_t
