@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from cryofire.evaluate import align_poses, rotation_errors_deg
-from cryofire.model.em_init import EMConfig, StochasticEM, initial_poses
+from cryofire.model.ab_initio import initial_poses
+from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.em_refine import reconstruct
 from cryofire.model.image_formation import HalfPlaneLattice
 

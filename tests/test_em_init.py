@@ -13,7 +13,8 @@ from cryofire import physics
 from cryofire.errors import ConfigError
 from cryofire.evaluate import rotation_errors_deg
 from cryofire.io import read_star
-from cryofire.model.em_init import EMConfig, StochasticEM, explained_power, initial_poses
+from cryofire.model.ab_initio import class_explained_power, explained_power, initial_poses
+from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.em_refine import (
     class_frames,
     in_first_class_frame,
@@ -115,8 +116,31 @@ def test_the_em_start_whose_maps_explain_the_images_best_is_kept(seed):
                       seed=seed)
     kept, *_ = initial_poses(observed, ctf, 16, config,
                              progress=lambda stage, info, poses: seen.update({info["start"]: info["explained_power"]})
-                             if stage == "start" else None)
+                             if stage == "em-start" else None)
     assert len(seen) == 3 and kept.config.seed == seed + 1000 * (max(seen, key=seen.get) - 1)
+
+
+def test_a_class_map_from_wrong_poses_explains_its_images_clearly_less():
+    """The per-class diagnostic of the assignment: class 0 (even images) rebuilt from the true poses, class 1 (odd
+    images) from random ones (a class stuck in a wrong optimum), or from the true ones too."""
+    _, observed, ctf, truth, shifts = _one_state_images(16, 300)
+    config = EMConfig()
+    classes = torch.arange(len(truth)) % 2
+    count = StochasticEM(16, 1, config).lattice.count_within(config.end_radius_px)
+    wrong = physics.random_rotations(len(truth), generator=torch.Generator().manual_seed(3)).float()
+    per_class = []
+    for odd_rotations in (wrong, truth):
+        em = StochasticEM(16, len(truth), config)
+        rotations = torch.where(classes[:, None, None] == 1, odd_rotations, truth)
+        reconstruct(em, observed, ctf, rotations, shifts, classes, config.end_radius_px)
+        scores = torch.empty(len(truth))
+        for k in (0, 1):
+            mine = classes == k
+            *_, scores[mine] = em.local_search(k, observed[mine, :count], ctf[mine, :count], rotations[mine],
+                                               shifts[mine], 1.0, 0.25, 1, 4)
+        per_class.append(class_explained_power(em, observed, scores, classes))
+    assert per_class[0][0] - per_class[0][1] > 0.2
+    assert abs(per_class[1][0] - per_class[1][1]) < 0.03
 
 
 SMALL_MODEL = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,

@@ -1,11 +1,10 @@
-"""Classical ab initio poses and classes, to teach the amortized encoder where to start.
+"""Classical ab initio poses and classes, to teach the amortized encoder where to start: the stochastic EM and the
+pose search it shares with the refinement (the stages are run by :mod:`cryofire.model.ab_initio`).
 
 Why: an encoder trained through the image loss alone did not find poses at SNR 0.1 in a few hundred thousand
 images (docs/method.md), while the images do carry the information (with the true maps, a 4° rotation costs a
 typical D=32 image ~10 units of log-likelihood; bench/RESULTS.md). Classical ab initio (cryoSPARC's SGD, RELION's
-initial model) finds it by comparing each image with projections in many orientations. This module does that in
-two stages, and the trainer uses the result as the encoder's pose targets during the first phase of training
-(``--init em``):
+initial model) finds it by comparing each image with projections in many orientations:
 
 1. **Stochastic EM** (:class:`StochasticEM`) on minibatches, at low resolution (radius ``start`` -> ``end`` px):
    ``K`` class maps on a 2x zero-padded Fourier grid (trilinear slices of an unpadded map are inaccurate). E step:
@@ -19,9 +18,10 @@ two stages, and the trainer uses the result as the encoder's pose targets during
    (by degrees and pixels, or into the other hand: a projection cannot tell), each refinement round superposes every
    class map or its mirror image on class 0's by their common (rigid) part, from a global search, and re-expresses
    the poses and shifts of its images in class 0's frame (``em_refine.class_frames``).
-3. **Refinement** (``em_refine.refine``): the maps rebuilt from hard assignments, then every image's best pose near its
-   current one in every class map, or, for the images that fit worst there, from a fresh global search, and its
-   best class; repeated while the radius grows to Nyquist.
+3. **Search** (:meth:`StochasticEM.assign`, :meth:`StochasticEM.local_search`): global then local searches of each
+   image's best pose, shift and class in the class maps, used by the assignment and the refinement
+   (``em_refine.refine``: the maps rebuilt from hard assignments, every image's best pose near its current one in
+   every class map, or from a fresh global search for the images that fit worst).
 
 Spectra are the model's half-plane lattice values (``HalfPlaneLattice``, scaled by 1/D) of the windowed images;
 rotations are RELION matrices (slice point ``A^T k``); shifts are re-centring shifts in px (RELION origin sign).
@@ -30,13 +30,12 @@ rotations are RELION matrices (slice point ``A^T k``); shifts are re-centring sh
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from cryofire.model.image_formation import HalfPlaneLattice, recentre
-from cryofire.model.em_refine import class_frames, friedel_symmetrise, in_first_class_frame, refine
+from cryofire.model.em_refine import friedel_symmetrise
 from cryofire.model.pose_search import shift_grid
 from cryofire.model.trilinear import insert_slices, sample_slices
 from cryofire.physics import axis_angle_to_matrix, fft3_centered, ifft3_centered, random_rotations
@@ -55,7 +54,7 @@ class EMConfig:
     Each refinement round searches globally again the ``research_fraction`` of the images that fit worst after the
     local search (``em_refine.worst_fits``; 40 % of them hold ~88 % of the images > 20° off on the simulated set).
     The stochastic EM runs from ``starts`` random starts (half of them ended in a wrong optimum on one simulated set);
-    the one whose maps explain ``probe_images`` of the images best is kept (:func:`explained_power`).
+    the one whose maps explain ``probe_images`` of the images best is kept (``ab_initio.explained_power``).
     """
 
     iterations: int = 700
@@ -350,58 +349,3 @@ class StochasticEM:
             shifts = trial_shifts[index, best % len(stencil)]
             angle_deg, step_px = angle_deg / 2, step_px / 2
         return rotations, shifts, score
-
-
-def explained_power(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -> float:
-    """Mean fraction of the images' power (spectra (B, M, 2), CTF (B, M)) that their best poses and classes
-    (:meth:`StochasticEM.assign` within ``end_radius_px``) explain, ``-score / |Y|^2``: a stochastic EM stuck in a
-    wrong optimum explains less (on the simulated set 0.62-0.63 against 0.656-0.658 for the starts that converged)."""
-    radius = em.config.end_radius_px
-    *_, scores = em.assign(observed, ctf, radius)
-    count = em.lattice.count_within(radius)
-    return float((-scores / observed[:, :count].to(em.device).square().sum((-2, -1))).mean())
-
-
-def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
-                  device: torch.device | str = "cpu", progress: Callable[[str, dict, tuple | None], None] | None = None
-                  ) -> tuple[StochasticEM, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ab initio poses and classes of a set of images: stochastic EM at low resolution from ``starts`` random
-    starts, the one whose maps explain the images best (:func:`explained_power`) kept, a global assignment, then
-    ``refine_rounds`` refinement rounds with the radius growing from ``end_radius_px`` to Nyquist (D / 2).
-
-    Args:
-        observed: (N, M, 2) spectra at the first M half-plane points (M covering Nyquist), ``observed_spectrum``
-            of the windowed images.
-        ctf: (N, M) CTF values there.
-        progress: called with a stage name, diagnostics and the current (rotations, shifts, classes) (None during
-            the EM) every 100 EM iterations and after every later stage.
-
-    Returns the EM state (its maps are those of the last round) and the rotations (N, 3, 3) RELION matrices,
-    re-centring shifts (N, 2) px and classes (N,) of the images, on ``device``.
-    """
-    report = progress or (lambda stage, info, poses: None)
-    probe = torch.randperm(len(observed), generator=torch.Generator().manual_seed(config.seed))[: config.probe_images]
-    em, best = None, -math.inf
-    for start in range(config.starts):
-        candidate = StochasticEM(box_size, len(observed), replace(config, seed=config.seed + 1000 * start), device)
-        generator = torch.Generator().manual_seed(candidate.config.seed + 1)
-        for iteration in range(config.iterations):
-            rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
-            info = candidate.iterate(observed[rows], ctf[rows], rows)
-            if iteration % 100 == 99:
-                report("em", {"start": start + 1, "iteration": iteration + 1, **info}, None)
-        explained = explained_power(candidate, observed[probe], ctf[probe])
-        report("start", {"start": start + 1, "explained_power": explained}, None)
-        if explained > best:
-            em, best = candidate, explained
-    parts = [em.assign(observed[part], ctf[part], config.end_radius_px)
-             for part in torch.arange(len(observed), device=em.device).split(500)]
-    rotations, shifts, classes, _ = (torch.cat(values) for values in zip(*parts))
-    report("assign", {"radius_px": config.end_radius_px}, (rotations, shifts, classes))
-    rounds = max(config.refine_rounds, 1)
-    for index in range(rounds):
-        radius = config.end_radius_px + (box_size / 2 - config.end_radius_px) * min(index / max(rounds - 2, 1), 1.0)
-        rotations, shifts, classes = refine(em, observed, ctf, rotations, shifts, classes, radius)
-        rotations, shifts = in_first_class_frame(rotations, shifts, classes, class_frames(em))
-        report("refine", {"round": index + 1, "radius_px": radius}, (rotations, shifts, classes))
-    return em, rotations, shifts, classes

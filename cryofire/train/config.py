@@ -45,7 +45,7 @@ class TrainConfig:
             1 = the whole run, and poses.star then holds the teacher's poses of the training images).
         teacher: what gives the encoder its pose targets while ``search_fraction`` lasts: "em" (a classical ab
             initio run once before training: stochastic EM with two class maps, then refinement to Nyquist;
-            :mod:`cryofire.model.em_init`) or "search" (a global search against the model's own map, repeated).
+            :mod:`cryofire.model.ab_initio`) or "search" (a global search against the model's own map, repeated).
         em_iterations: minibatch iterations of the "em" teacher's stochastic EM (64 images each).
         em_starts: random starts of the "em" teacher's stochastic EM; the one whose maps explain the images best
             is kept (a start can end in a wrong optimum).

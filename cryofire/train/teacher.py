@@ -3,7 +3,7 @@ planned images have been seen.
 
 :class:`PoseTeacher` (``--teacher search``, :mod:`cryofire.model.pose_search`): every `search_every_images` images all
 training images are scored against the current consensus map; the best poses are the targets until the next search.
-:class:`EMTeacher` (``--teacher em``, :mod:`cryofire.model.em_init`): a classical ab initio run once before the first
+:class:`EMTeacher` (``--teacher em``, :mod:`cryofire.model.ab_initio`): a classical ab initio run once before the first
 step gives poses and classes. The targets are part of the checkpoint, so a resumed run continues exactly.
 """
 
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from cryofire.model import CryoFireModel, frequency_radius_px
-from cryofire.model.em_init import EMConfig, initial_poses
+from cryofire.model.ab_initio import initial_poses
+from cryofire.model.em_init import EMConfig
 from cryofire.model.image_formation import observed_spectrum
 from cryofire.model.pose_search import (
     best_poses,
@@ -78,7 +79,7 @@ class PoseTeacher:
 
 
 class EMTeacher(PoseTeacher):
-    """Targets from the classical ab initio of :mod:`cryofire.model.em_init` (stochastic EM, then refinement),
+    """Targets from the classical ab initio of :mod:`cryofire.model.ab_initio` (stochastic EM, then refinement),
     computed once before the first step, for the training images (at most ``max_images`` of them take part in the
     EM and refinement; the others are assigned against the final class maps)."""
 
