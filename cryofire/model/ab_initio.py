@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 
 from cryofire.model.em_init import EMConfig, StochasticEM
-from cryofire.model.em_refine import class_frames, in_first_class_frame, refine
+from cryofire.model.em_refine import class_frames, explained_fraction, in_first_class_frame, refine
 
 Progress = Callable[[str, dict, "tuple | None"], None]
 
@@ -34,7 +34,7 @@ def explained_fractions(em: StochasticEM, observed: torch.Tensor, scores: torch.
     """Fraction of each image's power (spectra (B, M, 2)) within ``radius_px`` that its fit explains,
     ``-score / |Y|^2`` for scores (B,) of :func:`~cryofire.model.em_init.fit_scores` there: (B,)."""
     count = em.lattice.count_within(radius_px)
-    return -scores / observed[:, :count].to(scores.device).square().sum((-2, -1)).clamp_min(1e-12)
+    return explained_fraction(scores, observed[:, :count].to(scores.device))
 
 
 def assign_all(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, chunk: int = 500

@@ -47,12 +47,17 @@ def reconstruct(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rot
     em.update_maps(count)
 
 
+def explained_fraction(scores: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """Fraction of each image's power that its fit explains, ``-score / |Y|^2``: (B,), for scores (B,) of
+    :func:`fit_scores` at spectra ``observed`` (B, n, 2) (the points that were scored)."""
+    return -scores / observed.square().sum((-2, -1)).clamp_min(1e-12)
+
+
 def worst_fits(scores: torch.Tensor, observed: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Indices of the ``fraction`` of the images whose best pose explains the smallest part of their power: the
-    lowest ``-score / |Y|^2`` (scores (B,) of :func:`fit_scores` at spectra ``observed`` (B, n, 2)). An image in a
-    wrong basin explains less of itself than its neighbours at the same noise level."""
-    explained = -scores / observed.square().sum((-2, -1)).clamp_min(1e-12)
-    return explained.argsort()[: math.ceil(fraction * len(scores))]
+    """Indices of the ``fraction`` of the images whose best pose explains the smallest part of their power
+    (:func:`explained_fraction`). An image in a wrong basin explains less of itself than its neighbours at the same
+    noise level."""
+    return explained_fraction(scores, observed).argsort()[: math.ceil(fraction * len(scores))]
 
 
 @torch.no_grad()
