@@ -116,7 +116,7 @@ def test_the_em_start_whose_maps_explain_the_images_best_is_kept(seed):
                       seed=seed)
     kept, *_ = initial_poses(observed, ctf, 16, config,
                              progress=lambda stage, info, poses: seen.update({info["start"]: info["explained_power"]})
-                             if stage == "em-start" else None)
+                             if stage == "start" else None)
     assert len(seen) == 3 and kept.config.seed == seed + 1000 * (max(seen, key=seen.get) - 1)
 
 

@@ -55,11 +55,10 @@ def explained_power(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor)
 
 
 def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
-                  device: torch.device | str = "cpu", progress: Progress | None = None, stage: str = "em"
-                  ) -> StochasticEM:
+                  device: torch.device | str = "cpu", progress: Progress | None = None) -> StochasticEM:
     """Stochastic EM from ``config.starts`` random starts (seeds ``seed + 1000 * start``); returns the one whose
-    maps explain ``probe_images`` of the images best. ``progress`` gets (``stage``, diagnostics) every 100
-    iterations and (``stage + "-start"``, explained power) after each start."""
+    maps explain ``probe_images`` of the images best. ``progress`` gets ("em", diagnostics) every 100 iterations
+    and ("start", explained power) after each start."""
     report = progress or (lambda stage, info, poses: None)
     probe = torch.randperm(len(observed), generator=torch.Generator().manual_seed(config.seed))[: config.probe_images]
     em, best = None, -math.inf
@@ -70,9 +69,9 @@ def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
             rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
             info = candidate.iterate(observed[rows], ctf[rows], rows)
             if iteration % 100 == 99:
-                report(stage, {"start": start + 1, "iteration": iteration + 1, **info}, None)
+                report("em", {"start": start + 1, "iteration": iteration + 1, **info}, None)
         explained = explained_power(candidate, observed[probe], ctf[probe])
-        report(f"{stage}-start", {"start": start + 1, "explained_power": explained}, None)
+        report("start", {"start": start + 1, "explained_power": explained}, None)
         if explained > best:
             em, best = candidate, explained
     return em
