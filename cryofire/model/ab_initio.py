@@ -29,11 +29,10 @@ from cryofire.model.em_refine import class_frames, explained_fraction, in_first_
 Progress = Callable[[str, dict, "tuple | None"], None]
 
 
-def explained_fractions(em: StochasticEM, observed: torch.Tensor, scores: torch.Tensor, radius_px: float
-                        ) -> torch.Tensor:
-    """Fraction of each image's power (spectra (B, M, 2)) within ``radius_px`` that its fit explains,
-    ``-score / |Y|^2`` for scores (B,) of :func:`~cryofire.model.em_init.fit_scores` there: (B,)."""
-    count = em.lattice.count_within(radius_px)
+def _explained(em: StochasticEM, observed: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """:func:`~cryofire.model.em_refine.explained_fraction` (B,) of spectra (B, M, 2) whose scores (B,) were
+    computed within ``end_radius_px``."""
+    count = em.lattice.count_within(em.config.end_radius_px)
     return explained_fraction(scores, observed[:, :count].to(scores.device))
 
 
@@ -47,11 +46,10 @@ def assign_all(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, radi
 
 def explained_power(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -> float:
     """Mean fraction of the images' power that their best poses and classes within ``end_radius_px`` explain
-    (:func:`explained_fractions`): a stochastic EM stuck in a wrong optimum explains less (on a simulated SNR-0.1
+    (``-score / |Y|^2``): a stochastic EM stuck in a wrong optimum explains less (on a simulated SNR-0.1
     set 0.61-0.64 against 0.66-0.68 for runs that converged, and 0.71 for maps from the true poses)."""
-    radius = em.config.end_radius_px
-    *_, scores = em.assign(observed, ctf, radius)
-    return float(explained_fractions(em, observed, scores, radius).mean())
+    *_, scores = em.assign(observed, ctf, em.config.end_radius_px)
+    return float(_explained(em, observed, scores).mean())
 
 
 def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
@@ -79,10 +77,10 @@ def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
 
 def class_explained_power(em: StochasticEM, observed: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
                           ) -> torch.Tensor:
-    """Mean explained fraction (:func:`explained_fractions` at ``end_radius_px``, scores (N,) of the global
-    assignment) of each class's images: (K,), NaN for an empty class. A class that converged to a wrong optimum
-    while the others did not explains clearly less (0.61-0.63 against 0.66-0.67 on a simulated SNR-0.1 set)."""
-    explained = explained_fractions(em, observed, scores, em.config.end_radius_px)
+    """Mean explained fraction (``-score / |Y|^2`` at ``end_radius_px``, scores (N,) of the global assignment) of
+    each class's images: (K,), NaN for an empty class. A class that converged to a wrong optimum while the others
+    did not explains clearly less (0.61-0.63 against 0.66-0.67 on a simulated SNR-0.1 set)."""
+    explained = _explained(em, observed, scores)
     return torch.stack([explained[classes == k].mean() for k in range(em.config.classes)])
 
 
