@@ -93,7 +93,7 @@ def search(star: str, config: EMConfig, n_images: int = 2000) -> None:
           f"beyond 3 px), wrong class {100 * wrong.mean():.1f} %, {time.time() - started:.0f} s", flush=True)
 
 
-def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None) -> None:
+def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None, device: str = "cpu") -> None:
     """The whole initialisation (EM, assignment, refinement) on the first images, with the error at each stage."""
     data = load_spectra(star, n_images)
     started = time.time()
@@ -101,7 +101,7 @@ def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None) 
     def progress(stage: str, info: dict, poses: tuple | None) -> None:
         line = f"{stage} {info}"
         if poses is not None:
-            rotations, _, classes = poses
+            rotations, shifts, classes = (value.cpu() for value in poses)
             agreement = float(np.mean(classes.numpy() == data["states"]))
             per_class = [median_error_deg(rotations[classes == k], data["rotations"][classes == k])
                          for k in range(config.classes) if (classes == k).sum() > 10]
@@ -109,10 +109,10 @@ def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None) 
                      f"aligned alone: {', '.join(f'{e:.2f}' for e in per_class)}), class agreement "
                      f"{max(agreement, 1 - agreement):.4f}")
             if save:
-                torch.save({"rotations": rotations, "shifts": poses[1], "classes": classes}, save)
+                torch.save({"rotations": rotations, "shifts": shifts, "classes": classes}, save)
         print(f"{line}, {time.time() - started:.0f} s", flush=True)
 
-    initial_poses(data["observed"], data["ctf"], data["size"], config, "cpu", progress)
+    initial_poses(data["observed"].to(device), data["ctf"].to(device), data["size"], config, device, progress)
 
 
 def main() -> None:
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--star", required=True, help="preprocessed particles with true poses (simulated)")
     parser.add_argument("--n-images", type=int, default=10_000)
     parser.add_argument("--save", help="write the poses and classes of every stage here (torch.save)")
+    parser.add_argument("--device", default="cpu", help="em: where the EM runs (cpu, cuda)")
     for field in dataclasses.fields(EMConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args()
@@ -133,7 +134,7 @@ def main() -> None:
     elif args.what == "search":
         search(args.star, config)
     else:
-        run_em(args.star, config, args.n_images, args.save)
+        run_em(args.star, config, args.n_images, args.save, args.device)
 
 
 if __name__ == "__main__":

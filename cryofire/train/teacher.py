@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -102,17 +104,18 @@ class EMTeacher(PoseTeacher):
         chosen = np.sort(generator.permutation(len(dataset))[: self.max_images])
         observed, ctf = _spectra(model, ParticleImages(dataset.table, dataset.rows[chosen]), count, device,
                                  batch_size, num_workers)
-        em, rotations, shifts, classes = initial_poses(observed, ctf, size, self.config, device, _log_progress)
-        rows = torch.from_numpy(dataset.rows[chosen])
-        self._store(rows, rotations, shifts, classes)
-        rest = np.setdiff1d(np.arange(len(dataset)), chosen)
-        if len(rest):
-            loader = make_loader(ParticleImages(dataset.table, dataset.rows[rest]), batch_size, False, 0, 0,
-                                 num_workers, device.type == "cuda")
-            for batch in loader:
-                spectra, weights = _batch_spectra(model, batch, count, device)
-                rotations, shifts, classes, _ = em.assign(spectra, weights, size / 2)
-                self._store(batch["index"], rotations, shifts, classes)
+        with _full_float32():
+            em, rotations, shifts, classes = initial_poses(observed, ctf, size, self.config, device, _log_progress)
+            rows = torch.from_numpy(dataset.rows[chosen])
+            self._store(rows, rotations, shifts, classes)
+            rest = np.setdiff1d(np.arange(len(dataset)), chosen)
+            if len(rest):
+                loader = make_loader(ParticleImages(dataset.table, dataset.rows[rest]), batch_size, False, 0, 0,
+                                     num_workers, device.type == "cuda")
+                for batch in loader:
+                    spectra, weights = _batch_spectra(model, batch, count, device)
+                    rotations, shifts, classes, _ = em.assign(spectra, weights, size / 2)
+                    self._store(batch["index"], rotations, shifts, classes)
         self.round = 0
         sizes = torch.bincount(self.classes[torch.from_numpy(dataset.rows)], minlength=self.config.classes)
         return {"search_seconds": time.time() - started, "search_radius_px": size / 2,
@@ -132,6 +135,18 @@ class EMTeacher(PoseTeacher):
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.classes = state["classes"]
+
+
+@contextmanager
+def _full_float32() -> Iterator[None]:
+    """Float32 matrix products without TF32 (which training enables on CUDA): the EM's scores are differences of
+    sums over thousands of points, beyond TF32's 10-bit mantissa."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _batch_spectra(model: CryoFireModel, batch: dict, count: int, device: torch.device
