@@ -4,20 +4,21 @@
                                       [--phase-flip --lowpass-px 12] [--device cuda --batch 512]
                                       [--encoder '{"channels": 64}']
 
-The two class maps are rebuilt from the TRUE poses and states of 10,000 SNR-0.1 images (`em_init.reconstruct`, the
-best maps an ab initio could reach), and the noise spectrum from the residuals at the true poses. Every step draws
-fresh images from them (uniform rotations, both states, the data's shifts and CTFs, coloured noise, the model's
-window), so the encoder never sees an image twice. It is trained by supervision (chordal rotation loss, shift error,
+The two class maps are rebuilt from the TRUE poses and states of 10,000 SNR-0.1 images (the best maps an ab initio
+could reach), and the noise spectrum from the residuals at the true poses (`cryofire.model.map_images`, as the "em"
+teacher's `simulated_batch_size` does from its own poses). Every step draws fresh images from them (uniform
+rotations, both states, the data's shifts and CTFs, coloured noise, the model's window), so the encoder never sees an
+image twice. It is trained by supervision (chordal rotation loss, shift error,
 cross-entropy of its two latent coordinates as class logits). Reported every `--report-every` steps (200): median
 rotation error and class accuracy of its predictions on 1,000 synthetic images and on 2,000 REAL held-out images (no
 alignment needed: the maps are in the true frame). `--phase-flip` multiplies every input's spectrum by the sign of
-its CTF and `--lowpass-px` zeroes it beyond that radius. Results in bench/RESULTS.md ("Fourth session").
+its CTF and `--lowpass-px` zeroes it beyond that radius. Results in bench/RESULTS.md ("Fourth session",
+"Eighth session").
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -25,76 +26,46 @@ import torch
 from abinit_em import load_spectra
 from cryofire.io import read_star
 from cryofire.model.em_init import EMConfig, StochasticEM
-from cryofire.model.em_refine import reconstruct
 from cryofire.model.encoder import EncoderConfig, ImageEncoder
-from cryofire.model.image_formation import recentre
-from cryofire.physics import (fft2_centered, geodesic_distance_deg, ifft2_centered, random_rotations,
-                              soft_circular_window)
+from cryofire.model.map_images import MapImageSimulator, simulator_from_assignment
+from cryofire.physics import fft2_centered, geodesic_distance_deg, ifft2_centered, soft_circular_window
 from cryofire.physics.ctf import ctf_from_parameters
 from cryofire.physics.lattice import frequency_grid_2d
 from cryofire.train.data import ParticleImages
 
 
-class Simulator:
-    """Fresh noisy images (B, D, D) with their rotations, shifts (px) and states, from two class maps."""
+class EncoderInput:
+    """The encoder's input from raw images (B, D, D): windowed, optionally phase-flipped by the CTF and low-passed."""
 
-    def __init__(self, data: dict, phase_flip: bool, lowpass_px: float, device: torch.device) -> None:
-        size = self.size = data["size"]
-        self.device = device
-        states = torch.from_numpy(data["states"]).to(device)
-        self.em = em = StochasticEM(size, 0, EMConfig(classes=2), device)
-        rotations, shifts = data["rotations"].float().to(device), data["shifts_px"].float().to(device)
-        observed, ctf = data["observed"].to(device), data["ctf"].to(device)
-        reconstruct(em, observed, ctf, rotations, shifts, states, size / 2)
-        count = em.lattice.count_within(size / 2)
-        residual = torch.zeros(count, device=device)
-        for part in torch.arange(len(states), device=device).split(500):
-            slices = torch.zeros(len(part), count, 2, device=device)
-            for k in (0, 1):
-                mine = states[part] == k
-                slices[mine] = em._class_slices(em._points(rotations[part][mine], count), [k])
-            moved = recentre(observed[part], em.lattice.coords[:count], shifts[part][:, None])[:, 0]
-            residual += (moved - ctf[part][..., None] * slices).square().sum(-1).sum(0)
-        noise_power = em._per_shell(residual / len(states), count)
+    def __init__(self, size: int, phase_flip: bool, lowpass_px: float, device: torch.device) -> None:
         self.window = soft_circular_window(size, 0.85, 0.99).float().to(device)
-        self.frequencies = frequency_grid_2d(size).reshape(-1, 2).float().to(device)
-        radius = self.frequencies.norm(dim=-1) * size
-        shell = radius.round().long().clamp_max(size // 2)
-        self.noise_amplitude = (noise_power[shell] / self.window.square().mean()).sqrt().reshape(size, size)
-        self.keep = (radius <= lowpass_px).float().reshape(size, size)
-        self.phase_flip, self.shifts, self.ctf_parameters = phase_flip, shifts, data["ctf_parameters"].to(device)
+        radius = frequency_grid_2d(size, device=device).norm(dim=-1) * size
+        self.keep, self.phase_flip = (radius <= lowpass_px).float(), phase_flip
 
-    def prepare(self, images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-        """The encoder's input: optionally phase-flipped by the CTF (B, D, D) and low-passed."""
-        sign = torch.sign(ctf) if self.phase_flip else 1.0
-        return ifft2_centered(fft2_centered(images) * sign * self.keep).real
-
-    def draw(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
-        size, device = self.size, self.device
-        rotations = random_rotations(batch, generator=generator).float().to(device)
-        states = torch.randint(0, 2, (batch,), generator=generator).to(device)
-        shifts = self.shifts[torch.randint(0, len(self.shifts), (batch,), generator=generator).to(device)]
-        pick = torch.randint(0, len(self.ctf_parameters), (batch,), generator=generator).to(device)
-        ctf = ctf_from_parameters(self.ctf_parameters[pick], size)
-        points = (self.frequencies * self.em.grid_size) @ rotations[:, :2, :]
-        values = torch.zeros(batch, size * size, 2, device=device)
-        for k in (0, 1):
-            mine = states == k
-            values[mine] = self.em._class_slices(points[mine], [k])
-        phase = 2 * math.pi * (shifts @ self.frequencies.T)  # the particle sits at -shift
-        spectra = torch.view_as_complex(values) * ctf.reshape(batch, -1) * torch.polar(torch.ones_like(phase), phase)
-        signal = ifft2_centered(spectra.reshape(batch, size, size) * size).real
-        white = torch.randn(batch, size, size, generator=generator).to(device)
-        noise = ifft2_centered(fft2_centered(white) * self.noise_amplitude).real
-        return self.prepare(self.window * (signal + noise), ctf), rotations, shifts, states
+    def __call__(self, images: torch.Tensor, ctf_parameters: torch.Tensor) -> torch.Tensor:
+        if not self.phase_flip and self.keep.all():
+            return images * self.window
+        sign = torch.sign(ctf_from_parameters(ctf_parameters, images.shape[-1])) if self.phase_flip else 1.0
+        return ifft2_centered(fft2_centered(images * self.window) * sign * self.keep).real
 
 
-def held_out(star: str, simulator: Simulator, n: int = 2000) -> tuple[torch.Tensor, ...]:
+def true_pose_simulator(star: str, device: torch.device) -> MapImageSimulator:
+    """Class maps from the TRUE poses and states of the first 10,000 images of ``star`` (simulated data)."""
+    data = load_spectra(star, 10_000)
+    rows = list(range(len(data["states"])))
+    ctf_parameters = ParticleImages(read_star(star)).__getitems__(rows)["ctf_parameters"].to(device)
+    em = StochasticEM(data["size"], 0, EMConfig(classes=2), device)
+    window_power = float(soft_circular_window(data["size"], 0.85, 0.99).float().square().mean())
+    return simulator_from_assignment(em, data["observed"].to(device), data["ctf"].to(device),
+                                     data["rotations"].float().to(device), data["shifts_px"].float().to(device),
+                                     torch.from_numpy(data["states"]).to(device), ctf_parameters, window_power)
+
+
+def held_out(star: str, prepare: EncoderInput, device: torch.device, n: int = 2000) -> tuple[torch.Tensor, ...]:
+    """The encoder's input, true rotations and states of the first ``n`` images of ``star``."""
     table = read_star(star)
     batch = ParticleImages(table).__getitems__(list(range(n)))
-    device = simulator.device
-    ctf = ctf_from_parameters(batch["ctf_parameters"].to(device), simulator.size)
-    images = simulator.prepare(batch["images"].to(device) * simulator.window, ctf)
+    images = prepare(batch["images"].to(device), batch["ctf_parameters"].to(device))
     states = torch.from_numpy(table["rlnClassNumber"].to_numpy()[:n] - 1).to(device)
     return images, batch["rotations"].float().to(device), states
 
@@ -123,27 +94,27 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    data = load_spectra(args.star, 10_000)
-    rows = list(range(len(data["states"])))
-    data["ctf_parameters"] = ParticleImages(read_star(args.star)).__getitems__(rows)["ctf_parameters"]
-    simulator = Simulator(data, args.phase_flip, args.lowpass_px, device)
-    synthetic = simulator.draw(1000, torch.Generator().manual_seed(7))
-    real = held_out(args.heldout, simulator)
+    simulator = true_pose_simulator(args.star, device)
+    prepare = EncoderInput(simulator.size, args.phase_flip, args.lowpass_px, device)
+    fixed = simulator.draw(1000, torch.Generator().manual_seed(7))
+    synthetic = (prepare(fixed.images, fixed.ctf_parameters), fixed.rotations, fixed.classes)
+    real = held_out(args.heldout, prepare, device)
     encoder = ImageEncoder(simulator.size, EncoderConfig(**{"zdim": 2, **args.encoder})).to(device)
     optimiser = torch.optim.Adam(encoder.parameters(), 1e-3)
+    generator = torch.Generator().manual_seed(0)
     started, step = time.time(), 0
     while time.time() - started < 60 * args.minutes:
-        images, rotations, shifts, states = simulator.draw(args.batch)
-        out = encoder(images)
-        loss = ((out.rotations[:, 0] - rotations).square().sum((-2, -1)).mean()
-                + (out.shifts_px[:, 0] - shifts).square().sum(-1).mean() / 9
-                + torch.nn.functional.cross_entropy(out.z_mean, states))
+        drawn = simulator.draw(args.batch, generator)
+        out = encoder(prepare(drawn.images, drawn.ctf_parameters))
+        loss = ((out.rotations[:, 0] - drawn.rotations).square().sum((-2, -1)).mean()
+                + (out.shifts_px[:, 0] - drawn.shifts_px).square().sum(-1).mean() / 9
+                + torch.nn.functional.cross_entropy(out.z_mean, drawn.classes))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         step += 1
         if step % args.report_every == 0:
-            (s_err, s_acc), (r_err, r_acc) = scores(encoder, *synthetic[:2], synthetic[3]), scores(encoder, *real)
+            (s_err, s_acc), (r_err, r_acc) = scores(encoder, *synthetic), scores(encoder, *real)
             print(f"{args.batch * step} images, {time.time() - started:.0f} s: synthetic {s_err:.1f} deg / "
                   f"{100 * s_acc:.1f} % "
                   f"states right; real held-out {r_err:.1f} deg / {100 * r_acc:.1f} %", flush=True)

@@ -169,6 +169,7 @@ class CryoFireModel(nn.Module):
         target_rotations: torch.Tensor | None = None,
         target_shifts_px: torch.Tensor | None = None,
         target_classes: torch.Tensor | None = None,
+        simulated: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One step's loss and the winning pose of each image.
 
@@ -184,6 +185,9 @@ class CryoFireModel(nn.Module):
             target_shifts_px: (B, 2) shifts found by the pose search.
             target_classes: (B, K) one-hot classes from a classical ab initio: the encoder's first K latent
                 coordinates learn the centred one-hot vector (``class_target_weight``).
+            simulated: images simulated at known poses ('abinit' only, :mod:`cryofire.model.map_images`): "images"
+                (S, D, D) raw, "target_rotations" (S, 3, 3), "target_shifts_px" (S, 2), "target_classes" (S, K)
+                one-hot; the encoder alone learns them (``simulated_loss``, weighted as the targets above).
 
         Returns:
             dict with ``loss`` (scalar to minimise), ``data_loss``, ``kl`` (scalars),
@@ -227,7 +231,21 @@ class CryoFireModel(nn.Module):
         if target_classes is not None and self.config.zdim:
             out["class_loss"] = self._class_target_loss(out["z"], target_classes)
             out["loss"] = out["loss"] + self.config.class_target_weight * out["class_loss"]
+        if simulated is not None:
+            out["simulated_loss"] = self._simulated_loss(simulated)
+            out["loss"] = out["loss"] + out["simulated_loss"]
         return out
+
+    def _simulated_loss(self, simulated: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's target losses on images simulated at known poses and classes: the pose loss of the
+        nearest hypothesis, and the class loss of its latent."""
+        hyp = self._encode_windowed(simulated["images"] * self.window, None, None)
+        pose_loss = self._pose_target_loss(hyp, simulated["target_rotations"], simulated["target_shifts_px"])
+        loss = self.config.pose_target_weight * pose_loss.min(dim=1).values.mean()
+        if self.config.zdim:
+            z = _take(hyp.z_mean, pose_loss.detach().argmin(dim=1))
+            loss = loss + self.config.class_target_weight * self._class_target_loss(z, simulated["target_classes"])
+        return loss
 
     @staticmethod
     def _class_target_loss(z: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ class StochasticEM:
         local_points = self._points(local_rotations, count).reshape(-1, count, 3)  # (B * L, n, 3)
         shifts = self.shifts
         if self.shell_variance is None:  # start from the data's own power: a cautious (flat) posterior
-            self.shell_variance = self._per_shell(observed.square().sum(-1).mean(0), count)
+            self.shell_variance = self.per_shell_mean(observed.square().sum(-1).mean(0), count)
         sigma = self.shell_variance[self.shell[:count]].sqrt()[:, None]
         if self.iteration == 0:  # no map yet: each image near its remembered (random) rotation, unshifted
             weights = torch.zeros(batch, cfg.classes, cfg.rotations + cfg.local_candidates, len(shifts),
@@ -208,7 +208,7 @@ class StochasticEM:
         return {"radius_px": float(self.lattice.radius_px[count - 1]), "beta": self._beta(),
                 "max_weight_median": float(weights.flatten(1).max(1).values.median())}
 
-    def _per_shell(self, values: torch.Tensor, count: int) -> torch.Tensor:
+    def per_shell_mean(self, values: torch.Tensor, count: int) -> torch.Tensor:
         """Mean of per-point values (n,) in each radius shell: (D // 2 + 1,); empty outer shells copy the last."""
         shells = self.size // 2 + 1
         total = torch.zeros(shells, device=self.device).index_add_(0, self.shell[:count], values)
@@ -233,7 +233,7 @@ class StochasticEM:
         slices = torch.where((rotation >= n_global)[:, None, None], from_local, from_global)
         moved = recentre(observed, self.lattice.coords[:count], shift[:, None])[:, 0]
         residual = (moved - ctf[..., None] * slices).square().sum(-1).mean(0)  # (n,)
-        self.shell_variance = 0.5 * self.shell_variance + 0.5 * self._per_shell(residual, count)
+        self.shell_variance = 0.5 * self.shell_variance + 0.5 * self.per_shell_mean(residual, count)
 
     def _maximise(self, observed: torch.Tensor, ctf: torch.Tensor, weights: torch.Tensor,
                   global_points: torch.Tensor, local_points: torch.Tensor, shifts: torch.Tensor, count: int) -> None:

@@ -47,6 +47,26 @@ def reconstruct(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rot
     em.update_maps(count)
 
 
+@torch.no_grad()
+def residual_power(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+                   shifts: torch.Tensor, classes: torch.Tensor, chunk: int = 500) -> torch.Tensor:
+    """Mean power (D // 2 + 1,) per radius shell of the residuals ``Y exp(-2 pi i k.t) - C X_c(A^T k)`` of spectra
+    (N, M, 2) with CTF (N, M) at their rotations (N, 3, 3), shifts (N, 2) px and classes (N,) in ``em``'s maps: the
+    noise spectrum the fits leave (plus the maps' own errors), per spectrum coefficient."""
+    count = observed.shape[1]
+    coords = em.lattice.coords[:count]
+    total = torch.zeros(count, device=em.device)
+    for part in torch.arange(len(observed), device=em.device).split(chunk):
+        moved = recentre(observed[part].to(em.device), coords, shifts[part][:, None])[:, 0]
+        points = em._points(rotations[part], count)
+        slices = torch.zeros_like(moved)
+        for k in range(em.config.classes):
+            mine = classes[part] == k
+            slices[mine] = em._class_slices(points[mine], [k])
+        total += (moved - ctf[part].to(em.device)[..., None] * slices).square().sum(-1).sum(0)
+    return em.per_shell_mean(total / len(observed), count)
+
+
 def explained_fraction(scores: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     """Fraction of each image's power that its fit explains, ``-score / |Y|^2``: (B,), for scores (B,) of
     :func:`fit_scores` at spectra ``observed`` (B, n, 2) (the points that were scored)."""

@@ -51,6 +51,10 @@ class TrainConfig:
             is kept (a start can end in a wrong optimum).
         em_classes: class maps of the "em" teacher (discrete conformations, as RELION's Class3D K); the encoder
             learns them in its first ``em_classes`` latent coordinates and poses.star gets them as rlnClassNumber.
+        simulated_batch_size: "em" teacher: images simulated afresh from its class maps (the data's CTFs, shifts,
+            class proportions and noise spectrum; :mod:`cryofire.model.map_images`) added to every step while it
+            teaches, for the encoder alone (pose, shift and class losses at their known values). The encoder needs
+            millions of images to learn poses, more than a data set holds (0 = off).
         search_every_images: images between two pose searches (0 = twice per epoch; "search" teacher).
         search_rotations: random rotations scored per search.
         search_max_radius_px: highest frequency radius (lattice px) used by the search.
@@ -76,6 +80,7 @@ class TrainConfig:
     em_iterations: int = 700
     em_starts: int = 4
     em_classes: int = 2
+    simulated_batch_size: int = 0
     search_every_images: int = 0
     search_rotations: int = 8192
     search_max_radius_px: float = 8.0
@@ -91,6 +96,7 @@ class TrainConfig:
             "log_every_steps": self.log_every_steps >= 1, "search_fraction": 0.0 <= self.search_fraction <= 1.0,
             "teacher": self.teacher in ("em", "search"), "em_iterations": self.em_iterations >= 1,
             "em_starts": self.em_starts >= 1, "em_classes": self.em_classes >= 1,
+            "simulated_batch_size": self.simulated_batch_size >= 0,
             "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
             "search_max_radius_px": self.search_max_radius_px >= 1.0,
         }

@@ -276,7 +276,15 @@ class Trainer:
                 record["target_rotation_error_median_deg"] = target_rotation_error(
                     self.teacher, self.train_set.poses[0], rows)
             self.log({"event": "search", "epoch": self.epoch, "images_seen": self.images_seen, **record})
-        return self.teacher.targets(batch["index"], self.device)
+        targets = self.teacher.targets(batch["index"], self.device)
+        if self.config.simulated_batch_size and isinstance(self.teacher, EMTeacher):
+            # drawn from a generator seeded by the step, so a resumed run draws the same images
+            generator = torch.Generator().manual_seed(
+                (self.config.seed * 1_000_003 + self.images_seen) * 101 + self.launch.rank)
+            targets["simulated"] = self.teacher.simulated(
+                self.config.simulated_batch_size, generator, self.model, self.train_set, self.device,
+                4 * self.config.batch_size, self.config.num_workers)
+        return targets
 
     def radius_px(self) -> float:
         from cryofire.model import frequency_radius_px

@@ -4,7 +4,9 @@ planned images have been seen.
 :class:`PoseTeacher` (``--teacher search``, :mod:`cryofire.model.pose_search`): every `search_every_images` images all
 training images are scored against the current consensus map; the best poses are the targets until the next search.
 :class:`EMTeacher` (``--teacher em``, :mod:`cryofire.model.ab_initio`): a classical ab initio run once before the first
-step gives poses and classes. The targets are part of the checkpoint, so a resumed run continues exactly.
+step gives poses and classes, and (``simulated_batch_size``) class maps to simulate fresh training images from
+(:mod:`cryofire.model.map_images`). The targets are part of the checkpoint (the maps are rebuilt from them), so a
+resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch
 
 from cryofire.model import CryoFireModel, frequency_radius_px
 from cryofire.model.ab_initio import initial_poses
-from cryofire.model.em_init import EMConfig
+from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.image_formation import observed_spectrum
+from cryofire.model.map_images import MapImageSimulator, simulator_from_assignment
 from cryofire.model.pose_search import (
     best_poses,
     consensus_volume_ft,
@@ -90,6 +93,7 @@ class EMTeacher(PoseTeacher):
         super().__init__(n_rows, planned_images, fraction, 1, 0, 0.0, config.seed)
         self.config, self.max_images = config, max_images
         self.classes = torch.zeros(n_rows, dtype=torch.long)
+        self._simulator: MapImageSimulator | None = None
 
     def due(self, images_seen: int) -> bool:
         return self.active(images_seen) and self.round < 0
@@ -100,10 +104,9 @@ class EMTeacher(PoseTeacher):
         started = time.time()
         size = model.config.box_size
         count = model.lattice.count_within(size / 2)
-        generator = np.random.default_rng(self.config.seed)
-        chosen = np.sort(generator.permutation(len(dataset))[: self.max_images])
-        observed, ctf = _spectra(model, ParticleImages(dataset.table, dataset.rows[chosen]), count, device,
-                                 batch_size, num_workers)
+        chosen = self._chosen(dataset)
+        observed, ctf, _ = _spectra(model, ParticleImages(dataset.table, dataset.rows[chosen]), count, device,
+                                    batch_size, num_workers)
         with _full_float32():
             em, rotations, shifts, classes = initial_poses(observed, ctf, size, self.config, device, _log_progress)
             rows = torch.from_numpy(dataset.rows[chosen])
@@ -121,9 +124,41 @@ class EMTeacher(PoseTeacher):
         return {"search_seconds": time.time() - started, "search_radius_px": size / 2,
                 "em_class_sizes": sizes.tolist()}
 
+    def _chosen(self, dataset: ParticleImages) -> np.ndarray:
+        """Positions (sorted) of the at most ``max_images`` dataset images the ab initio runs on."""
+        generator = np.random.default_rng(self.config.seed)
+        return np.sort(generator.permutation(len(dataset))[: self.max_images])
+
     def targets(self, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         classes = torch.nn.functional.one_hot(self.classes[rows], self.config.classes)
         return {**super().targets(rows, device), "target_classes": classes.to(device)}
+
+    @torch.no_grad()
+    def simulated(self, count: int, generator: torch.Generator, model: CryoFireModel, dataset: ParticleImages,
+                  device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
+        """``count`` images simulated from the class maps of the teacher's assignment, with their poses and
+        one-hot classes as targets (the ``simulated`` argument of the model). The maps are rebuilt from the stored
+        poses on first use (after a resume too)."""
+        if self._simulator is None:
+            with _full_float32():
+                self._simulator = self._build_simulator(model, dataset, device, batch_size, num_workers)
+        drawn = self._simulator.draw(count, generator)
+        classes = torch.nn.functional.one_hot(drawn.classes, self.config.classes)
+        return {"images": drawn.images, "target_rotations": drawn.rotations, "target_shifts_px": drawn.shifts_px,
+                "target_classes": classes}
+
+    def _build_simulator(self, model: CryoFireModel, dataset: ParticleImages, device: torch.device, batch_size: int,
+                         num_workers: int) -> MapImageSimulator:
+        size = model.config.box_size
+        positions = self._chosen(dataset)
+        observed, ctf, ctf_parameters = _spectra(model, ParticleImages(dataset.table, dataset.rows[positions]),
+                                                 model.lattice.count_within(size / 2), device, batch_size,
+                                                 num_workers)
+        rows = torch.from_numpy(dataset.rows[positions])
+        em = StochasticEM(size, 0, self.config, device)
+        return simulator_from_assignment(em, observed, ctf, self.rotations[rows].to(device),
+                                         self.shifts_px[rows].to(device), self.classes[rows].to(device),
+                                         ctf_parameters, float(model.window.square().mean()))
 
     def _store(self, rows: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor, classes: torch.Tensor
                ) -> None:
@@ -158,10 +193,16 @@ def _batch_spectra(model: CryoFireModel, batch: dict, count: int, device: torch.
 
 
 def _spectra(model: CryoFireModel, dataset: ParticleImages, count: int, device: torch.device, batch_size: int,
-             num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+             num_workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spectra (N, count, 2), CTF values (N, count) and CTF parameter rows (N, 9) of a dataset, on ``device``."""
     loader = make_loader(dataset, batch_size, False, 0, 0, num_workers, device.type == "cuda")
-    parts = [_batch_spectra(model, batch, count, device) for batch in loader]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    spectra, ctf, parameters = [], [], []
+    for batch in loader:
+        values, weights = _batch_spectra(model, batch, count, device)
+        spectra.append(values)
+        ctf.append(weights)
+        parameters.append(batch["ctf_parameters"].to(device))
+    return torch.cat(spectra), torch.cat(ctf), torch.cat(parameters)
 
 
 def _log_progress(stage: str, info: dict, poses: tuple | None) -> None:
