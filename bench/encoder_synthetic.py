@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--encoder", type=json.loads, default={}, help="EncoderConfig overrides as JSON")
+    parser.add_argument("--cosine", action="store_true", help="learning rate 1e-3 decaying to 0 over --minutes")
+    parser.add_argument("--clean-start", type=float, nargs=2, metavar=("SCALE", "IMAGES"), default=(1.0, 0),
+                        help="noise amplitude SCALE x the data's at first, rising linearly to 1 over IMAGES images")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -103,14 +107,17 @@ def main() -> None:
     optimiser = torch.optim.Adam(encoder.parameters(), 1e-3)
     generator = torch.Generator().manual_seed(0)
     started, step = time.time(), 0
-    while time.time() - started < 60 * args.minutes:
-        drawn = simulator.draw(args.batch, generator)
+    while (elapsed := time.time() - started) < 60 * args.minutes:
+        scale, ramp = args.clean_start
+        drawn = simulator.draw(args.batch, generator, min(1.0, scale + (1 - scale) * args.batch * step / max(ramp, 1)))
         out = encoder(prepare(drawn.images, drawn.ctf_parameters))
         loss = ((out.rotations[:, 0] - drawn.rotations).square().sum((-2, -1)).mean()
                 + (out.shifts_px[:, 0] - drawn.shifts_px).square().sum(-1).mean() / 9
                 + torch.nn.functional.cross_entropy(out.z_mean, drawn.classes))
         optimiser.zero_grad()
         loss.backward()
+        if args.cosine:
+            optimiser.param_groups[0]["lr"] = 0.5e-3 * (1 + math.cos(math.pi * min(elapsed / (60 * args.minutes), 1)))
         optimiser.step()
         step += 1
         if step % args.report_every == 0:

@@ -71,9 +71,11 @@ class MapImageSimulator:
         return self.channels.device
 
     def images(self, rotations: torch.Tensor, shifts_px: torch.Tensor, ctf_parameters: torch.Tensor,
-               classes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+               classes: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0
+               ) -> torch.Tensor:
         """Raw images (B, D, D) of the class maps at rotations (B, 3, 3), shifts (B, 2) px, CTFs (B, 9) and classes
-        (B,); with noise drawn from ``generator`` (a CPU generator), noiseless when it is None."""
+        (B,); with noise drawn from ``generator`` (a CPU generator) at ``noise_scale`` times the data's amplitude,
+        noiseless when it is None."""
         size, count = self.size, self.frequencies.shape[0]
         points = (self.frequencies * self.grid_size) @ rotations[:, :2, :].float()  # (B, D*D, 3): A^T (kx, ky, 0)
         values = torch.zeros(len(rotations), count, 2, device=self.device)
@@ -87,10 +89,10 @@ class MapImageSimulator:
         if generator is not None:
             # complex white noise: its real image keeps the Hermitian part, half its power, i.e. noise_amplitude^2
             white = torch.randn(len(rotations), size, size, 2, generator=generator).to(self.device)
-            spectra = spectra + torch.view_as_complex(white) * (self.noise_amplitude * size)
+            spectra = spectra + torch.view_as_complex(white) * (self.noise_amplitude * (size * noise_scale))
         return ifft2_centered(spectra).real
 
-    def draw(self, batch: int, generator: torch.Generator) -> LabelledImages:
+    def draw(self, batch: int, generator: torch.Generator, noise_scale: float = 1.0) -> LabelledImages:
         """``batch`` images at uniform random rotations, with the data's shifts and CTFs (random images') and the
         classes in ``class_fractions``; all randomness from ``generator`` (a CPU generator)."""
         rotations = random_rotations(batch, generator=generator).float().to(self.device)
@@ -98,7 +100,7 @@ class MapImageSimulator:
         rows = torch.randint(0, len(self.shifts_px), (2, batch), generator=generator)
         shifts, ctf_parameters = self.shifts_px[rows[0].to(self.device)], self.ctf_parameters[rows[1].to(self.device)]
         classes = classes.to(self.device)
-        images = self.images(rotations, shifts, ctf_parameters, classes, generator)
+        images = self.images(rotations, shifts, ctf_parameters, classes, generator, noise_scale)
         return LabelledImages(images, rotations, shifts, ctf_parameters, classes)
 
 
