@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cryofire import physics
+from cryofire.errors import ConfigError
 from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.image_formation import observed_spectrum
 from cryofire.model.map_images import simulator_from_assignment
@@ -99,6 +100,11 @@ SMALL_MODEL = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidde
 def particles(tmp_path_factory) -> str:
     config = SimulationConfig(n_images=128, box_size=16, pixel_size_angstrom=10.0, snr=10.0, seed=3)
     return str(simulate_dataset(config, tmp_path_factory.mktemp("sim")))
+
+
+def test_simulated_images_without_the_em_teacher_are_refused():
+    with pytest.raises(ConfigError, match="--simulated-batch-size needs the em teacher"):
+        TrainConfig(search_fraction=1.0, teacher="search", simulated_batch_size=8)
 
 
 def test_training_with_simulated_images_resumes_exactly(particles, tmp_path):

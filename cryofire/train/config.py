@@ -107,6 +107,9 @@ class TrainConfig:
         derived = set(self.model) & set(DERIVED_MODEL_OPTIONS)
         if unknown or derived:
             raise ConfigError(f"model option(s) not allowed here: {', '.join(sorted(unknown | derived))}")
+        if self.simulated_batch_size and not self.taught_by_em:
+            raise ConfigError("--simulated-batch-size needs the em teacher: --poses abinit --teacher em "
+                              "--search-fraction > 0 (its class maps are what the images are simulated from)")
 
     @property
     def taught_by_em(self) -> bool:

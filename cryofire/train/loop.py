@@ -277,7 +277,7 @@ class Trainer:
                     self.teacher, self.train_set.poses[0], rows)
             self.log({"event": "search", "epoch": self.epoch, "images_seen": self.images_seen, **record})
         targets = self.teacher.targets(batch["index"], self.device)
-        if self.config.simulated_batch_size and isinstance(self.teacher, EMTeacher):
+        if self.config.simulated_batch_size:  # the em teacher's (TrainConfig checks)
             # drawn from a generator seeded by the step, so a resumed run draws the same images
             generator = torch.Generator().manual_seed(
                 (self.config.seed * 1_000_003 + self.images_seen) * 101 + self.launch.rank)
