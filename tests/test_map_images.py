@@ -90,6 +90,8 @@ def test_the_simulated_noise_has_the_datas_spectrum(clean_data):
     assert torch.equal(simulator.draw(400, torch.Generator().manual_seed(1)).images, drawn.images)
     clean = simulator.images(drawn.rotations, drawn.shifts_px, drawn.ctf_parameters, drawn.classes)
     assert float((drawn.images - clean).var()) == pytest.approx(sigma**2, rel=0.1)
+    quieter = simulator.draw(400, torch.Generator().manual_seed(1), noise_scale=0.5)
+    assert float((quieter.images - clean).var()) == pytest.approx(0.25 * sigma**2, rel=0.1)
 
 
 SMALL_MODEL = {"encoder_channels": 8, "encoder_max_channels": 32, "encoder_hidden_dim": 32, "decoder_width": 32,
