@@ -13,7 +13,8 @@ import yaml
 from cryofire.io import read_star
 from cryofire.simulate import SimulationConfig, simulate_dataset
 from cryofire.train import TrainConfig, train
-from cryofire.train.checkpoint import load_checkpoint
+from cryofire.errors import CryofireError
+from cryofire.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire.train.config import write_run_config
 from cryofire.train.infer import infer
 from cryofire.train.loop import Trainer
@@ -61,6 +62,20 @@ def test_resume_after_interruption_gives_the_same_weights(particles, tmp_path):
     a = load_checkpoint(uninterrupted / "weights.pt")["model"]
     b = load_checkpoint(resumed / "weights.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_older_than_an_option_resumes_when_the_option_is_at_its_default(particles, tmp_path):
+    config = small_config(epochs=2)
+    partial = Trainer(particles, tmp_path / "run", replace(config, epochs=1))
+    partial.fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    del state["train_config"]["grad_clip"]  # as written before the option existed
+    save_checkpoint(path, state)
+    with pytest.raises(CryofireError, match=r"other options \(grad_clip\)"):
+        train(particles, tmp_path / "run", replace(config, grad_clip=1.0), resume=True)
+    run = train(particles, tmp_path / "run", config, resume=True)
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2
 
 
 def test_resumed_run_keeps_its_first_command_and_records_the_resume(particles, tmp_path, monkeypatch):

@@ -187,9 +187,10 @@ class Trainer:
         return True
 
     def check_same_run(self, state: dict, path: Path) -> None:
-        """Refuse to resume a checkpoint made with other options (all but epochs, device, workers, logging)."""
+        """Refuse to resume a checkpoint made with other options (all but epochs, device, workers, logging); an
+        option newer than the checkpoint counts as its default."""
         free = {"epochs", "device", "num_workers", "log_every_steps"}
-        saved = {k: v for k, v in state["train_config"].items() if k not in free}
+        saved = {k: v for k, v in {**TrainConfig().to_dict(), **state["train_config"]}.items() if k not in free}
         wanted = {k: v for k, v in self.config.to_dict().items() if k not in free}
         changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
         saved_model = {k: v for k, v in state["model_config"].items() if k != "planned_images"}
