@@ -225,6 +225,13 @@ class CryoFireModel(nn.Module):
             out["z_logvar"] = _take(hyp.z_logvar, winner)
         out["kl"] = self._kl(out["z"], out.get("z_logvar"), images_seen)
         out["loss"] = out["data_loss"] + self.config.kl_weight * out["kl"]
+        self._add_target_losses(out, pose_loss, target_classes, simulated)
+        return out
+
+    def _add_target_losses(self, out: dict[str, torch.Tensor], pose_loss: torch.Tensor | None,
+                           target_classes: torch.Tensor | None, simulated: dict[str, torch.Tensor] | None) -> None:
+        """Add a teacher's weighted losses to ``out["loss"]`` (and each to ``out``): the pose loss (B, P) of the
+        nearest hypothesis, the class loss of the winning latent, and the loss on simulated images."""
         if pose_loss is not None:
             out["pose_loss"] = pose_loss.min(dim=1).values.mean()
             out["loss"] = out["loss"] + self.config.pose_target_weight * out["pose_loss"]
@@ -234,7 +241,6 @@ class CryoFireModel(nn.Module):
         if simulated is not None:
             out["simulated_loss"] = self._simulated_loss(simulated)
             out["loss"] = out["loss"] + out["simulated_loss"]
-        return out
 
     def _simulated_loss(self, simulated: dict[str, torch.Tensor]) -> torch.Tensor:
         """The encoder's target losses on images simulated at known poses and classes: the pose loss of the
