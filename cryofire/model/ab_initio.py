@@ -9,7 +9,10 @@ Stages (each reported through ``progress``):
    The explained power of each class's images is reported (:func:`class_explained_power`): a class that sits in a
    wrong optimum while the others converged explains clearly less.
 3. **Refinement** (:func:`~cryofire.model.em_refine.refine`) while the radius grows to Nyquist, each round followed
-   by the superposition of the class maps in class 0's frame (:func:`~cryofire.model.em_refine.class_frames`).
+   by the superposition of the class maps in class 0's frame (:func:`~cryofire.model.em_refine.class_frames`); the
+   last round searches (by default) every image globally again.
+4. **Reassignment** of the images whose class is least clear (:func:`~cryofire.model.em_refine.reassign_ambiguous`)
+   against class maps rebuilt without them.
 
 Spectra (N, M, 2), CTFs (N, M), rotations (RELION matrices) and shifts (re-centring, px) as in
 :mod:`cryofire.model.em_init`.
@@ -24,7 +27,14 @@ from dataclasses import replace
 import torch
 
 from cryofire.model.em_init import EMConfig, StochasticEM
-from cryofire.model.em_refine import class_frames, explained_fraction, in_first_class_frame, refine
+from cryofire.model.em_refine import (
+    class_frames,
+    class_margins,
+    explained_fraction,
+    in_first_class_frame,
+    reassign_ambiguous,
+    refine,
+)
 
 Progress = Callable[[str, dict, "tuple | None"], None]
 
@@ -109,7 +119,15 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     rounds = max(config.refine_rounds, 1)
     for index in range(rounds):
         radius = config.end_radius_px + (box_size / 2 - config.end_radius_px) * min(index / max(rounds - 2, 1), 1.0)
-        rotations, shifts, classes = refine(em, observed, ctf, rotations, shifts, classes, radius)
+        fraction = config.final_research_fraction if index == rounds - 1 else config.research_fraction
+        rotations, shifts, classes, class_scores = refine(em, observed, ctf, rotations, shifts, classes, radius,
+                                                          fraction)
         rotations, shifts = in_first_class_frame(rotations, shifts, classes, class_frames(em))
         report("refine", {"round": index + 1, "radius_px": radius}, (rotations, shifts, classes))
+    if config.classes > 1 and config.ambiguous_fraction > 0:
+        margins = class_margins(class_scores, observed, em.lattice.count_within(box_size / 2))
+        rotations, shifts, classes = reassign_ambiguous(em, observed, ctf, rotations, shifts, classes, margins,
+                                                        config.ambiguous_fraction, box_size / 2)
+        report("reassign", {"images": math.ceil(config.ambiguous_fraction * len(observed))},
+               (rotations, shifts, classes))
     return em, rotations, shifts, classes

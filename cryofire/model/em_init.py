@@ -51,8 +51,13 @@ class EMConfig:
     The E steps try re-centring shifts up to ``max_shift_px`` (a coarse map needs no more); the global assignment and
     the refinement's re-search try shifts up to ``search_shift_px``, which must cover the particles' offsets (an
     image whose particle sits further out is given a wrong pose: 55 % of those beyond 3 px on the simulated set).
-    Each refinement round searches globally again the ``research_fraction`` of the images that fit worst after the
-    local search (``em_refine.worst_fits``; 40 % of them hold ~88 % of the images > 20° off on the simulated set).
+    Each refinement round but the last searches globally again the ``research_fraction`` of the images that fit worst
+    after the local search (``em_refine.worst_fits``; the worst 40 % held ~88 % of the images > 20° off on a simulated
+    set); the last round searches the ``final_research_fraction`` (all, by default): images of one state at a wrong
+    pose in the other state's map fit no worse than the rest, so only a search of every image finds them (2.8 % of
+    a simulated set's images, ~30° off; bench/RESULTS.md, ninth session). After it, the ``ambiguous_fraction`` of
+    the images whose best pose in their class fits least better than their best pose in another class are searched
+    again in class maps rebuilt without them (``em_refine.reassign_ambiguous``).
     The stochastic EM runs from ``starts`` random starts (half of them ended in a wrong optimum on one simulated set);
     the one whose maps explain ``probe_images`` of the images best is kept (``ab_initio.explained_power``).
     """
@@ -79,7 +84,9 @@ class EMConfig:
     refine_rounds: int = 7
     starts: int = 4
     probe_images: int = 1000
-    research_fraction: float = 0.4
+    research_fraction: float = 0.3
+    final_research_fraction: float = 1.0
+    ambiguous_fraction: float = 0.05
     seed: int = 0
 
 
@@ -270,47 +277,63 @@ class StochasticEM:
             self.volume_ft[k] = (fft3_centered(volume) * inside).to(torch.complex64)
 
     # --- assignment and refinement -------------------------------------------------------------------------------
-    @torch.no_grad()
     def assign(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 8192,
-               local_rounds: int = 3, candidates: int = 48, only_class: int | None = None, keep: int = 16,
+               local_rounds: int = 3, candidates: int = 48, only_class: int | None = None, keep: int = 8,
                global_radius_px: float = 7.0) -> tuple[torch.Tensor, ...]:
-        """Most likely pose and class of each image (spectra (B, M, 2), CTF (B, M)): a global search over
-        ``n_rotations`` random rotations, the grid of shifts up to ``search_shift_px`` and the classes (or
-        ``only_class``) within ``min(radius_px, global_radius_px)``, then local searches from each of the ``keep``
-        best (class, rotation) hypotheses of each image (the true basin is often not the best on a coarse grid):
-        each polished briefly at the search radius, the best of them then within ``radius_px`` in every class map
-        (the class is the one that fits best there).
+        """Most likely pose and class of each image (:meth:`assign_each_class`, the class whose pose fits best):
+        rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,)."""
+        rotations, shifts, scores = self.assign_each_class(observed, ctf, radius_px, n_rotations, local_rounds,
+                                                           candidates, only_class, keep, global_radius_px)
+        best = scores.argmin(1)
+        index = torch.arange(len(observed), device=self.device)
+        classes = torch.as_tensor(range(self.config.classes) if only_class is None else [only_class],
+                                  device=self.device)[best]
+        return rotations[index, best], shifts[index, best], classes, scores[index, best]
 
-        Returns rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,) (:func:`fit_scores`) at
-        ``radius_px``.
+    @torch.no_grad()
+    def assign_each_class(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 8192,
+                          local_rounds: int = 3, candidates: int = 48, only_class: int | None = None, keep: int = 8,
+                          global_radius_px: float = 7.0) -> tuple[torch.Tensor, ...]:
+        """Most likely pose of each image (spectra (B, M, 2), CTF (B, M)) in each class map: a global search over
+        ``n_rotations`` random rotations and the grid of shifts up to ``search_shift_px`` in each class map (or only
+        ``only_class``) within ``min(radius_px, global_radius_px)``; in each class, local searches from the ``keep``
+        best rotations (the true basin is often not the best on a coarse grid), polished briefly at the search
+        radius; the best of them then within ``radius_px``. Each class keeps its own candidates: pooled, the other
+        class's many near-equal ones crowd out the right class's (images in the wrong class of a simulated set: 67 %
+        found their class pooled, 81 % with 8 candidates per class; bench/RESULTS.md, ninth session).
+
+        Returns rotations (B, K, 3, 3), shifts (B, K, 2) px and scores (B, K) (:func:`fit_scores`) at ``radius_px``
+        for the K searched classes.
         """
         count = self.lattice.count_within(min(radius_px, global_radius_px))
         coords = self.lattice.coords[:count]
         rotations = random_rotations(n_rotations, generator=self.generator).float().to(self.device)
-        searched = torch.as_tensor(range(self.config.classes) if only_class is None else [only_class],
-                                   device=self.device)
-        slices = self._class_slices(self._points(rotations, count), searched.tolist())
+        searched = list(range(self.config.classes)) if only_class is None else [only_class]
+        slices = self._class_slices(self._points(rotations, count), searched)
         spectra, weights = observed[:, :count].to(self.device), ctf[:, :count].to(self.device)
         parts = [fit_scores(spectra[part], weights[part], slices, coords, self.search_shifts).min(-1)
                  for part in torch.arange(len(observed), device=self.device).split(64)]  # (b, H, T): bounded memory
-        scores, best_shift = (torch.cat(values) for values in zip(*parts))  # (B, H) best over the shifts
-        keep = min(keep, scores.shape[1])
-        hypotheses = scores.topk(keep, dim=1, largest=False).indices  # (B, keep)
-        batch = len(observed)
-        index = torch.arange(batch, device=self.device)
-        start_r = rotations[hypotheses % n_rotations].flatten(0, 1)
-        start_t = self.search_shifts[best_shift.gather(1, hypotheses)].flatten(0, 1)
-        start_c = searched[hypotheses // n_rotations].flatten()
+        scores, best_shift = (torch.cat(values).view(len(observed), len(searched), n_rotations)
+                              for values in zip(*parts))  # (B, K, J) best over the shifts
+        keep = min(keep, n_rotations)
+        hypotheses = scores.topk(keep, dim=2, largest=False).indices  # (B, K, keep)
+        batch, n_classes = len(observed), len(searched)
+        start_r = rotations[hypotheses].flatten(0, 2)
+        start_t = self.search_shifts[best_shift.gather(2, hypotheses)].flatten(0, 2)
+        start_c = torch.as_tensor(searched, device=self.device)[:, None].expand(n_classes, keep)
+        start_c = start_c.expand(batch, n_classes, keep).flatten()
         angle_deg = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))
-        # every hypothesis polished coarsely at the search radius; the best of each image then at the full radius
-        r, t, c, score = self._local_by_class(observed.repeat_interleave(keep, 0), ctf.repeat_interleave(keep, 0),
+        repeats = n_classes * keep
+        # every hypothesis polished coarsely at the search radius; each class's best then at the full radius
+        r, t, c, score = self._local_by_class(observed.repeat_interleave(repeats, 0), ctf.repeat_interleave(repeats, 0),
                                               start_r, start_t, start_c, count, angle_deg, 2, candidates // 2)
-        winner = score.view(batch, keep).argmin(1) + index * keep
-        count = self.lattice.count_within(radius_px)
-        results = [self._local_by_class(observed, ctf, r[winner], t[winner], torch.full_like(c[winner], k), count,
-                                        angle_deg / 4, local_rounds, candidates) for k in searched.tolist()]
-        best = torch.stack([result[3] for result in results]).argmin(0)  # (B,): the class that fits best
-        return tuple(torch.stack([result[i] for result in results])[best, index] for i in range(4))
+        winners = (score.view(batch * n_classes, keep).argmin(1)
+                   + torch.arange(batch * n_classes, device=self.device) * keep)  # (B * K,), image-major
+        r, t, _, score = self._local_by_class(observed.repeat_interleave(n_classes, 0),
+                                              ctf.repeat_interleave(n_classes, 0), r[winners], t[winners],
+                                              c[winners], self.lattice.count_within(radius_px), angle_deg / 4,
+                                              local_rounds, candidates)
+        return r.view(batch, n_classes, 3, 3), t.view(batch, n_classes, 2), score.view(batch, n_classes)
 
     def _local_by_class(self, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
                         shifts: torch.Tensor, classes: torch.Tensor, count: int, angle_deg: float, rounds: int,
