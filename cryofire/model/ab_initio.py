@@ -125,9 +125,9 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
         rotations, shifts = in_first_class_frame(rotations, shifts, classes, class_frames(em))
         report("refine", {"round": index + 1, "radius_px": radius}, (rotations, shifts, classes))
     if config.classes > 1 and config.ambiguous_fraction > 0:
-        margins = class_margins(class_scores, observed, em.lattice.count_within(box_size / 2))
+        margins = class_margins(class_scores, observed, em.lattice.count_within(radius))  # the last round's scores
         rotations, shifts, classes = reassign_ambiguous(em, observed, ctf, rotations, shifts, classes, margins,
-                                                        config.ambiguous_fraction, box_size / 2)
+                                                        config.ambiguous_fraction, radius)
         report("reassign", {"images": math.ceil(config.ambiguous_fraction * len(observed))},
                (rotations, shifts, classes))
     return em, rotations, shifts, classes

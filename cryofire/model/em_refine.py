@@ -98,7 +98,6 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
     reconstruct(em, observed, ctf, rotations, shifts, classes, radius_px, chunk)
     count = em.lattice.count_within(radius_px)
     class_scores = torch.empty(len(observed), em.config.classes, device=em.device)
-    new_r, new_t = rotations.clone(), shifts.clone()
     per_class_r = torch.empty(len(observed), em.config.classes, 3, 3, device=em.device)
     per_class_t = torch.empty(len(observed), em.config.classes, 2, device=em.device)
     for part in torch.arange(len(observed), device=em.device).split(chunk):
@@ -117,18 +116,17 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
             class_scores[worst] = torch.minimum(score, class_scores[worst])
     new_c = class_scores.argmin(1)
     index = torch.arange(len(observed), device=em.device)
-    new_r, new_t = per_class_r[index, new_c], per_class_t[index, new_c]
-    return new_r, new_t, new_c, class_scores
+    return per_class_r[index, new_c], per_class_t[index, new_c], new_c, class_scores
 
 
 def class_margins(class_scores: torch.Tensor, observed: torch.Tensor, count: int) -> torch.Tensor:
     """How much better each image's best pose in its best class fits than its best pose in any other class, as a
-    fraction of its power within the first ``count`` points: (N,) from scores (N, K) of :func:`refine` and spectra
-    (N, M, 2). Images of one state held in the other state's class at a wrong pose sit at ~0 (median 0.14 for the
-    rest on a simulated set)."""
-    two_best = class_scores.topk(2, dim=1, largest=False).values
-    power = observed[:, :count].to(class_scores.device).square().sum((-2, -1)).clamp_min(1e-12)
-    return (two_best[:, 1] - two_best[:, 0]) / power
+    difference of :func:`explained_fraction` within the first ``count`` points: (N,) from scores (N, K) of
+    :func:`refine` and spectra (N, M, 2). Images of one state held in the other state's class at a wrong pose sit at
+    ~0 (median 0.14 for the rest on a simulated set)."""
+    best, second = class_scores.topk(2, dim=1, largest=False).values.unbind(1)
+    spectra = observed[:, :count].to(class_scores.device)
+    return explained_fraction(best, spectra) - explained_fraction(second, spectra)
 
 
 @torch.no_grad()
