@@ -8,10 +8,13 @@ Stages (each reported through ``progress``):
 2. **Global assignment** of every image (best pose, shift and class within ``end_radius_px``).
    The explained power of each class's images is reported (:func:`class_explained_power`): a class that sits in a
    wrong optimum while the others converged explains clearly less.
-3. **Refinement** (:func:`~cryofire.model.em_refine.refine`) while the radius grows to Nyquist, each round followed
+3. **Un-blending** (:func:`~cryofire.model.em_unblend.unblend`): a class map that holds one molecule in two frames
+   (half its images far off about a common axis; a failure of the EM on a simulated set) is split into its two
+   frames, and its images' poses are re-expressed in one.
+4. **Refinement** (:func:`~cryofire.model.em_refine.refine`) while the radius grows to Nyquist, each round followed
    by the superposition of the class maps in class 0's frame (:func:`~cryofire.model.em_refine.class_frames`); the
    last round searches (by default) every image globally again.
-4. **Reassignment** of the images whose class is least clear (:func:`~cryofire.model.em_refine.reassign_ambiguous`)
+5. **Reassignment** of the images whose class is least clear (:func:`~cryofire.model.em_refine.reassign_ambiguous`)
    against class maps rebuilt without them.
 
 Spectra (N, M, 2), CTFs (N, M), rotations (RELION matrices) and shifts (re-centring, px) as in
@@ -27,6 +30,7 @@ from dataclasses import replace
 import torch
 
 from cryofire.model.em_init import EMConfig, StochasticEM
+from cryofire.model.em_unblend import unblend
 from cryofire.model.em_refine import (
     class_frames,
     class_margins,
@@ -116,6 +120,9 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     per_class = class_explained_power(em, observed, scores, classes)
     report("assign", {"radius_px": config.end_radius_px,
                       "class_explained_power": [round(float(v), 4) for v in per_class]}, (rotations, shifts, classes))
+    if config.unblend_images > 0:
+        rotations, shifts, changed = unblend(em, observed, ctf, rotations, shifts, classes, config.end_radius_px)
+        report("unblend", {"classes_changed": changed}, (rotations, shifts, classes))
     rounds = max(config.refine_rounds, 1)
     for index in range(rounds):
         radius = config.end_radius_px + (box_size / 2 - config.end_radius_px) * min(index / max(rounds - 2, 1), 1.0)

@@ -59,7 +59,10 @@ class EMConfig:
     the images whose best pose in their class fits least better than their best pose in another class are searched
     again in class maps rebuilt without them (``em_refine.reassign_ambiguous``).
     The stochastic EM runs from ``starts`` random starts (half of them ended in a wrong optimum on one simulated set);
-    the one whose maps explain ``probe_images`` of the images best is kept (``ab_initio.explained_power``).
+    the one whose maps explain ``probe_images`` of the images best is kept (``ab_initio.explained_power``). After
+    the global assignment each class map is checked for a blend of two frames of one molecule (``em_unblend``:
+    ``unblend_images`` of its images split in two and refined ``unblend_rounds`` times; the halves' maps one
+    molecule turned by more than ``unblend_angle_deg`` or in the other hand); ``unblend_images = 0`` skips it.
     """
 
     iterations: int = 700
@@ -87,6 +90,9 @@ class EMConfig:
     research_fraction: float = 0.3
     final_research_fraction: float = 1.0
     ambiguous_fraction: float = 0.05
+    unblend_images: int = 2000
+    unblend_rounds: int = 12
+    unblend_angle_deg: float = 20.0
     seed: int = 0
 
 

@@ -80,6 +80,18 @@ def worst_fits(scores: torch.Tensor, observed: torch.Tensor, fraction: float) ->
     return explained_fraction(scores, observed).argsort()[: math.ceil(fraction * len(scores))]
 
 
+def local_in_every_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+                         shifts: torch.Tensor, count: int, start_angle_deg: float = 8.0, rounds: int = 3,
+                         candidates: int = 48) -> tuple[torch.Tensor, ...]:
+    """Each image's best pose near its current one (rotations (B, 3, 3), shifts (B, 2) px) in every class map of
+    ``em``, at the first ``count`` points of the spectra (B, M, 2) and CTF (B, M) (:meth:`StochasticEM.local_search`):
+    rotations (B, K, 3, 3), shifts (B, K, 2) and scores (B, K)."""
+    spectra, weights = observed[:, :count].to(em.device), ctf[:, :count].to(em.device)
+    found = [em.local_search(k, spectra, weights, rotations, shifts, start_angle_deg, em.config.shift_step_px / 2,
+                             rounds, candidates) for k in range(em.config.classes)]
+    return tuple(torch.stack(values, 1) for values in zip(*found))
+
+
 @torch.no_grad()
 def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
            shifts: torch.Tensor, classes: torch.Tensor, radius_px: float, research_fraction: float,
@@ -101,11 +113,9 @@ def refine(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotation
     per_class_r = torch.empty(len(observed), em.config.classes, 3, 3, device=em.device)
     per_class_t = torch.empty(len(observed), em.config.classes, 2, device=em.device)
     for part in torch.arange(len(observed), device=em.device).split(chunk):
-        spectra, weights = observed[part, :count].to(em.device), ctf[part, :count].to(em.device)
-        for k in range(em.config.classes):
-            per_class_r[part, k], per_class_t[part, k], class_scores[part, k] = em.local_search(
-                k, spectra, weights, rotations[part], shifts[part], start_angle_deg, em.config.shift_step_px / 2,
-                rounds, candidates)
+        spectra = observed[part, :count].to(em.device)
+        per_class_r[part], per_class_t[part], class_scores[part] = local_in_every_class(
+            em, observed[part], ctf[part], rotations[part], shifts[part], count, start_angle_deg, rounds, candidates)
         if global_rotations and research_fraction > 0:
             worst = part[worst_fits(class_scores[part].min(1).values, spectra, research_fraction)]
             r, t, score = em.assign_each_class(observed[worst], ctf[worst], radius_px, global_rotations, rounds,
