@@ -52,14 +52,15 @@ def mean_explained(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, 
 
 @torch.no_grad()
 def split_frames(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
-                 shifts: torch.Tensor, radius_px: float, rounds: int) -> StochasticEM | None:
+                 shifts: torch.Tensor, radius_px: float, rounds: int, generator: torch.Generator
+                 ) -> StochasticEM | None:
     """Two sub-maps of one class's images (spectra (n, M, 2) and CTF (n, M), poses rotations (n, 3, 3) and shifts
     (n, 2) px): a random split refined ``rounds`` times as two classes within ``radius_px``, by local searches
     (on a simulated set's blend 12 rounds put 94-95 % of 1,355 images in their frame's half, from two random splits;
     with a global re-search of the worst-fitting 30 % each round, 6 rounds did it once in two). Returns the
     two-class EM state holding them, or None if a half emptied (under a tenth of the images)."""
     sub = StochasticEM(em.size, 0, replace(em.config, classes=2), em.device)
-    halves = torch.randint(0, 2, (len(observed),), generator=em.generator).to(em.device)
+    halves = torch.randint(0, 2, (len(observed),), generator=generator).to(em.device)
     for _ in range(rounds):  # local searches only: a global one moves images out of both frames
         rotations, shifts, halves, _ = refine(sub, observed, ctf, rotations, shifts, halves, radius_px, 0.0)
     if torch.bincount(halves, minlength=2).min() < len(observed) / 10:
@@ -71,12 +72,14 @@ def split_frames(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, ro
 @torch.no_grad()
 def unblend_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
                   shifts: torch.Tensor, radius_px: float, sample: int, rounds: int, min_angle_deg: float,
-                  chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  generator: torch.Generator, chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor] | None:
     """New poses of one class's images (spectra (n, M, 2), CTF (n, M), rotations (n, 3, 3), shifts (n, 2) px) if
     its map blends two frames of one molecule (the module's docstring), from a split of ``sample`` of them; None
-    if it does not, or if the new poses explain the images no better."""
-    chosen = torch.randperm(len(observed), generator=em.generator)[:sample].to(em.device)
-    sub = split_frames(em, observed[chosen], ctf[chosen], rotations[chosen], shifts[chosen], radius_px, rounds)
+    if it does not, or if the new poses explain the images no better. ``generator`` draws the sample and the split
+    (not ``em``'s own, so that a class left alone leaves the rest of the ab initio as it was)."""
+    chosen = torch.randperm(len(observed), generator=generator)[:sample].to(em.device)
+    sub = split_frames(em, observed[chosen], ctf[chosen], rotations[chosen], shifts[chosen], radius_px, rounds,
+                       generator)
     if sub is None:
         return None
     frames = class_frames(sub)
@@ -103,13 +106,14 @@ def unblend(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotatio
     ``unblend_angle_deg``) of images with spectra (N, M, 2), CTF (N, M), rotations (N, 3, 3), shifts (N, 2) px and
     classes (N,). Returns the rotations and shifts, and the classes whose poses changed."""
     cfg = em.config
+    generator = torch.Generator().manual_seed(cfg.seed)
     rotations, shifts, changed = rotations.clone(), shifts.clone(), []
     for k in range(cfg.classes):
         mine = (classes == k).nonzero().squeeze(1)
         if len(mine) < 2:
             continue
         found = unblend_class(em, observed[mine], ctf[mine], rotations[mine], shifts[mine], radius_px,
-                              cfg.unblend_images, cfg.unblend_rounds, cfg.unblend_angle_deg)
+                              cfg.unblend_images, cfg.unblend_rounds, cfg.unblend_angle_deg, generator)
         if found is not None:
             rotations[mine], shifts[mine] = found
             changed.append(k)
