@@ -173,7 +173,7 @@ def test_the_em_start_whose_maps_explain_the_images_best_is_kept(seed):
     em, observed, ctf, *_ = _one_state_images(16, 128)
     seen = {}
     config = EMConfig(classes=1, iterations=30, refine_rounds=1, research_fraction=0.0, starts=3, probe_images=64,
-                      seed=seed)
+                      unblend_images=0, seed=seed)
     kept, *_ = initial_poses(observed, ctf, 16, config,
                              progress=lambda stage, info, poses: seen.update({info["start"]: info["explained_power"]})
                              if stage == "start" else None)

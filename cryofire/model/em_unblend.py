@@ -1,10 +1,10 @@
 """Un-blending a class map that holds one molecule in two frames, a failure of the stochastic EM.
 
-On a simulated SNR-0.1 set the stochastic EM's map of one state was a blend from every one of six starts: about
-half of the state's images sat near their true poses, the others 100-160° off, consistent with the molecule's
-mirror image; each half was consistent with itself (a map from either half alone re-assigns its images at 6°; the
-blend holds them at 24°; bench/RESULTS.md, tenth session). Hard-assignment refinement cannot leave a blend: each
-half keeps its frame.
+On a simulated SNR-0.1 set the stochastic EM's map of one state was poor from all six starts tried. In one of them
+the map was a blend: about half of the state's images sat near their true poses, the others 100-160° off,
+consistent with the molecule's mirror image, and each half was consistent with itself (a map from either half
+alone re-assigns its images at 6°; the blend holds them at 24°; bench/RESULTS.md, tenth session). Hard-assignment
+refinement cannot leave a blend: each half keeps its frame.
 
 :func:`unblend` splits each class's images in two at random and refines the two halves as two classes by local
 searches (:func:`~cryofire.model.em_refine.refine`, a k-means of poses and maps): the frames separate. If the two
