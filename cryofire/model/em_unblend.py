@@ -61,7 +61,7 @@ def split_frames(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, ro
     two-class EM state holding them, or None if a half emptied (under a tenth of the images)."""
     sub = StochasticEM(em.size, 0, replace(em.config, classes=2), em.device)
     halves = torch.randint(0, 2, (len(observed),), generator=generator).to(em.device)
-    for _ in range(rounds):  # local searches only: a global one moves images out of both frames
+    for _ in range(rounds):  # local searches only (see above)
         rotations, shifts, halves, _ = refine(sub, observed, ctf, rotations, shifts, halves, radius_px, 0.0)
     if torch.bincount(halves, minlength=2).min() < len(observed) / 10:
         return None
