@@ -30,7 +30,6 @@ from dataclasses import replace
 import torch
 
 from cryofire.model.em_init import EMConfig, StochasticEM
-from cryofire.model.em_unblend import unblend
 from cryofire.model.em_refine import (
     class_frames,
     class_margins,
@@ -39,6 +38,7 @@ from cryofire.model.em_refine import (
     reassign_ambiguous,
     refine,
 )
+from cryofire.model.em_unblend import unblend
 
 Progress = Callable[[str, dict, "tuple | None"], None]
 

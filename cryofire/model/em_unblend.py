@@ -34,6 +34,15 @@ from cryofire.model.em_refine import (
 from cryofire.physics import geodesic_distance_deg
 
 
+def _local_in_chunks(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
+                     shifts: torch.Tensor, count: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    """:func:`~cryofire.model.em_refine.local_in_every_class` over ``chunk`` images at a time: rotations
+    (n, K, 3, 3), shifts (n, K, 2) and scores (n, K)."""
+    found = [local_in_every_class(em, observed[part], ctf[part], rotations[part], shifts[part], count)
+             for part in torch.arange(len(observed), device=em.device).split(chunk)]
+    return tuple(torch.cat(values) for values in zip(*found))
+
+
 @torch.no_grad()
 def mean_explained(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
                    shifts: torch.Tensor, radius_px: float, chunk: int = 500
@@ -44,9 +53,8 @@ def mean_explained(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, 
     one = torch.zeros(len(observed), dtype=torch.long, device=em.device)
     reconstruct(em, observed, ctf, rotations, shifts, one, radius_px, chunk)
     count = em.lattice.count_within(radius_px)
-    found = [local_in_every_class(em, observed[part], ctf[part], rotations[part], shifts[part], count)
-             for part in torch.arange(len(observed), device=em.device).split(chunk)]
-    new_r, new_t, scores = (torch.cat(values)[:, 0] for values in zip(*found))
+    new_r, new_t, scores = (values[:, 0] for values in _local_in_chunks(em, observed, ctf, rotations, shifts, count,
+                                                                        chunk))
     return float(explained_fraction(scores, observed[:, :count].to(em.device)).mean()), new_r, new_t
 
 
@@ -86,10 +94,8 @@ def unblend_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, r
     turn = float(geodesic_distance_deg(frames[1].rotation, torch.eye(3, device=em.device)))
     if not frames[1].mirrored and turn < min_angle_deg:
         return None
-    count = em.lattice.count_within(radius_px)
-    found = [local_in_every_class(sub, observed[part], ctf[part], rotations[part], shifts[part], count)
-             for part in torch.arange(len(observed), device=em.device).split(chunk)]
-    per_half_r, per_half_t, scores = (torch.cat(values) for values in zip(*found))
+    per_half_r, per_half_t, scores = _local_in_chunks(sub, observed, ctf, rotations, shifts,
+                                                      em.lattice.count_within(radius_px), chunk)
     halves = scores.argmin(1)
     index = torch.arange(len(observed), device=em.device)
     new_r, new_t = in_first_class_frame(per_half_r[index, halves], per_half_t[index, halves], halves, frames)
