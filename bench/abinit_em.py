@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from cryofire.device import keep_freed_memory
 from cryofire.evaluate import align_poses, rotation_errors_deg
 from cryofire.model.ab_initio import initial_poses
 from cryofire.model.em_init import EMConfig, StochasticEM
@@ -128,6 +129,7 @@ def main() -> None:
     for field in dataclasses.fields(EMConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args()
+    keep_freed_memory()  # as the `cryofire` command line does
     config = EMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EMConfig)})
     if args.what == "identifiability":
         identifiability(args.star)

@@ -29,6 +29,7 @@ from sklearn.cluster import KMeans
 
 from cryofire.analysis.latents import analyze_run
 from cryofire.analysis.volumes import VolumeRequest, write_volumes
+from cryofire.device import keep_freed_memory
 from cryofire.evaluate import PoseAlignment, confusion, pose_metrics, state_fsc_metrics
 from cryofire.io import read_star, write_star
 from cryofire.preprocess import PreprocessConfig, preprocess
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--train", type=json.loads, default={}, help="TrainConfig overrides as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the EM teacher's stages
+    keep_freed_memory()  # as the `cryofire` command line does
 
     train_star, heldout_star = prepare(args.out, args.box, args.n_train, args.n_heldout, args.seed)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, model=args.model, **args.train)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from cryofire import __version__
+from cryofire.device import keep_freed_memory
 from cryofire.errors import CryofireError
 
 _COMMANDS: dict[str, tuple] = {}
@@ -312,27 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed large blocks for reuse instead of returning them to the OS at once.
-
-    Every batch allocates tens of MB of temporaries; by default glibc unmaps each on free and the next batch
-    page-faults them in again, which cost about half of a D=64 training step (bench/RESULTS.md, "Allocator").
-    Peak memory grows a little (1.8 -> 2.6 GB there). No-op where the C library is not glibc.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cryofire` console script."""
-    _keep_freed_memory()
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")

@@ -1,4 +1,4 @@
-"""Choosing the compute device."""
+"""Choosing the compute device, and keeping the host allocator from returning memory to the OS."""
 
 from __future__ import annotations
 
@@ -18,3 +18,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine (use 'auto' or 'cpu')")
     return device
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed large blocks for reuse instead of returning them to the OS at once.
+
+    Every batch allocates tens of MB of temporaries; by default glibc unmaps each on free and the next batch
+    page-faults them in again, which cost about half of a D=64 training step and a fifth of the ab initio's searches
+    (bench/RESULTS.md, "Page faults"). Peak memory grows a little (1.8 -> 2.6 GB there). Process-wide; called by the
+    command line (and the benchmarks) before any work, not by the library. No-op where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)

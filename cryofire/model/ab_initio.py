@@ -3,8 +3,9 @@
 Stages (each reported through ``progress``):
 
 1. **Stochastic EM** (:class:`~cryofire.model.em_init.StochasticEM`) at low resolution from ``starts`` random starts;
-   the start whose maps explain the images best (:func:`explained_power`) is kept. On simulated SNR-0.1 sets many
-   runs end in a wrong optimum (bench/RESULTS.md), so starts matter.
+   the start whose maps explain the images best (:func:`start_quality`: the explained power, plus what un-blending
+   its classes would add) is kept. On simulated SNR-0.1 sets many runs end in a wrong optimum (bench/RESULTS.md),
+   so starts matter.
 2. **Global assignment** of every image (best pose, shift and class within ``end_radius_px``).
    The explained power of each class's images is reported (:func:`class_explained_power`): a class that sits in a
    wrong optimum while the others converged explains clearly less.
@@ -58,19 +59,29 @@ def assign_all(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, radi
     return tuple(torch.cat(values) for values in zip(*parts))
 
 
-def explained_power(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -> float:
-    """Mean fraction of the images' power that their best poses and classes within ``end_radius_px`` explain
-    (``-score / |Y|^2``): a stochastic EM stuck in a wrong optimum explains less (on a simulated SNR-0.1
-    set 0.61-0.64 against 0.66-0.68 for runs that converged, and 0.71 for maps from the true poses)."""
-    *_, scores = em.assign(observed, ctf, em.config.end_radius_px)
-    return float(_explained(em, observed, scores).mean())
+def start_quality(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -> tuple[float, float]:
+    """How well an EM start's maps explain a probe of the images (spectra (P, M, 2), CTF (P, M)): the mean fraction
+    of the images' power that their best poses and classes within ``end_radius_px`` explain (``-score / |Y|^2``; a
+    stochastic EM stuck in a wrong optimum explains less: on a simulated SNR-0.1 set 0.61-0.64 against 0.66-0.68 for
+    runs that converged, and 0.71 for maps from the true poses), and the gain in the explained fraction that
+    un-blending its classes would bring (:func:`~cryofire.model.em_unblend.unblend` on the probe images, maps rebuilt
+    from their poses before and after; each class's gain weighted by its share of them; 0 when ``unblend_images`` is
+    0). A start with a class that blends two frames of a molecule can be better than one whose class is poor in
+    another way, yet explain less until it is un-blended (a simulated set's second start, bench/RESULTS.md, eleventh
+    session). Neither draws from ``em``'s random stream beyond the assignment."""
+    rotations, shifts, classes, scores = em.assign(observed, ctf, em.config.end_radius_px)
+    explained = float(_explained(em, observed, scores).mean())
+    if em.config.unblend_images == 0:
+        return explained, 0.0
+    *_, gains = unblend(em, observed, ctf, rotations, shifts, classes, em.config.end_radius_px)
+    return explained, sum(gain * float((classes == k).float().mean()) for k, gain in gains.items())
 
 
 def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
                   device: torch.device | str = "cpu", progress: Progress | None = None) -> StochasticEM:
-    """Stochastic EM from ``config.starts`` random starts (seeds ``seed + 1000 * start``); returns the one whose
-    maps explain ``probe_images`` of the images best. ``progress`` gets ("em", diagnostics) every 100 iterations
-    and ("start", explained power) after each start."""
+    """Stochastic EM from ``config.starts`` random starts (seeds ``seed + 1000 * start``); returns the one of best
+    :func:`start_quality` (explained power plus un-blending gain) on ``probe_images`` of the images. ``progress``
+    gets ("em", diagnostics) every 100 iterations and ("start", its explained power and gain) after each start."""
     report = progress or (lambda stage, info, poses: None)
     probe = torch.randperm(len(observed), generator=torch.Generator().manual_seed(config.seed))[: config.probe_images]
     em, best = None, -math.inf
@@ -82,10 +93,10 @@ def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
             info = candidate.iterate(observed[rows], ctf[rows], rows)
             if iteration % 100 == 99:
                 report("em", {"start": start + 1, "iteration": iteration + 1, **info}, None)
-        explained = explained_power(candidate, observed[probe], ctf[probe])
-        report("start", {"start": start + 1, "explained_power": explained}, None)
-        if explained > best:
-            em, best = candidate, explained
+        explained, gain = start_quality(candidate, observed[probe], ctf[probe])
+        report("start", {"start": start + 1, "explained_power": explained, "unblend_gain": gain}, None)
+        if explained + gain > best:
+            em, best = candidate, explained + gain
     return em
 
 
@@ -121,8 +132,9 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     report("assign", {"radius_px": config.end_radius_px,
                       "class_explained_power": [round(float(v), 4) for v in per_class]}, (rotations, shifts, classes))
     if config.unblend_images > 0:
-        rotations, shifts, changed = unblend(em, observed, ctf, rotations, shifts, classes, config.end_radius_px)
-        report("unblend", {"classes_changed": changed}, (rotations, shifts, classes))
+        rotations, shifts, gains = unblend(em, observed, ctf, rotations, shifts, classes, config.end_radius_px)
+        report("unblend", {"classes_changed": list(gains), "explained_gain": [round(g, 4) for g in gains.values()]},
+               (rotations, shifts, classes))
     rounds = max(config.refine_rounds, 1)
     for index in range(rounds):
         radius = config.end_radius_px + (box_size / 2 - config.end_radius_px) * min(index / max(rounds - 2, 1), 1.0)

@@ -59,10 +59,12 @@ class EMConfig:
     the images whose best pose in their class fits least better than their best pose in another class are searched
     again in class maps rebuilt without them (``em_refine.reassign_ambiguous``).
     The stochastic EM runs from ``starts`` random starts (half of them ended in a wrong optimum on one simulated set);
-    the one whose maps explain ``probe_images`` of the images best is kept (``ab_initio.explained_power``). After
+    the one whose maps explain ``probe_images`` of the images best, once un-blended, is kept
+    (``ab_initio.start_quality``). After
     the global assignment each class map is checked for a blend of two frames of one molecule (``em_unblend``:
-    ``unblend_images`` of its images split in two and refined ``unblend_rounds`` times; the halves' maps one
-    molecule turned by more than ``unblend_angle_deg`` or in the other hand); ``unblend_images = 0`` skips it.
+    ``unblend_images`` of its images split in two and refined ``unblend_rounds`` times, up to ``unblend_tries``
+    random splits; the halves' maps one molecule turned by more than ``unblend_angle_deg`` or in the other hand);
+    ``unblend_images = 0`` skips it.
     """
 
     iterations: int = 700
@@ -93,6 +95,7 @@ class EMConfig:
     unblend_images: int = 2000
     unblend_rounds: int = 12
     unblend_angle_deg: float = 20.0
+    unblend_tries: int = 2
     seed: int = 0
 
 

@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from cryofire.model.em_init import StochasticEM
+from cryofire.model.superpose import RigidFit
 from cryofire.model.em_refine import (
     class_frames,
     explained_fraction,
@@ -77,22 +78,35 @@ def split_frames(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, ro
     return sub
 
 
+def _two_frames(sub: StochasticEM, min_angle_deg: float) -> list[RigidFit] | None:
+    """The two sub-maps' frames (:func:`~cryofire.model.em_refine.class_frames`) if they hold one molecule in two
+    frames: the second in the other hand, or turned by at least ``min_angle_deg``; else None."""
+    frames = class_frames(sub)
+    turn = float(geodesic_distance_deg(frames[1].rotation, torch.eye(3, device=sub.device)))
+    return frames if frames[1].mirrored or turn >= min_angle_deg else None
+
+
 @torch.no_grad()
 def unblend_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
                   shifts: torch.Tensor, radius_px: float, sample: int, rounds: int, min_angle_deg: float,
-                  generator: torch.Generator, chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  generator: torch.Generator, tries: int = 1, chunk: int = 500
+                  ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """New poses of one class's images (spectra (n, M, 2), CTF (n, M), rotations (n, 3, 3), shifts (n, 2) px) if
-    its map blends two frames of one molecule (the module's docstring), from a split of ``sample`` of them; None
-    if it does not, or if the new poses explain the images no better. ``generator`` draws the sample and the split
-    (not ``em``'s own, so that a class left alone leaves the rest of the ab initio as it was)."""
+    its map blends two frames of one molecule (the module's docstring), from a split of ``sample`` of them, and by
+    how much more of the images' power (:func:`mean_explained`) a map from them explains; None if it does not blend
+    two frames, or if the new poses explain the images no better. Up to ``tries`` random splits are refined until
+    one finds two frames (a blend of 457 images: 5 of 6 splits did; bench/RESULTS.md, eleventh session).
+    ``generator`` draws the sample and the splits (not ``em``'s own, so that a class left alone leaves the rest of
+    the ab initio as it was)."""
     chosen = torch.randperm(len(observed), generator=generator)[:sample].to(em.device)
-    sub = split_frames(em, observed[chosen], ctf[chosen], rotations[chosen], shifts[chosen], radius_px, rounds,
-                       generator)
-    if sub is None:
-        return None
-    frames = class_frames(sub)
-    turn = float(geodesic_distance_deg(frames[1].rotation, torch.eye(3, device=em.device)))
-    if not frames[1].mirrored and turn < min_angle_deg:
+    frames = None
+    for _ in range(tries):
+        sub = split_frames(em, observed[chosen], ctf[chosen], rotations[chosen], shifts[chosen], radius_px, rounds,
+                           generator)
+        frames = None if sub is None else _two_frames(sub, min_angle_deg)
+        if frames is not None:
+            break
+    if frames is None:
         return None
     per_half_r, per_half_t, scores = _local_in_chunks(sub, observed, ctf, rotations, shifts,
                                                       em.lattice.count_within(radius_px), chunk)
@@ -102,25 +116,27 @@ def unblend_class(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, r
     one = StochasticEM(em.size, 0, replace(em.config, classes=1), em.device)
     before, *_ = mean_explained(one, observed, ctf, rotations, shifts, radius_px, chunk)
     after, new_r, new_t = mean_explained(one, observed, ctf, new_r, new_t, radius_px, chunk)
-    return (new_r, new_t) if after > before else None
+    return (new_r, new_t, after - before) if after > before else None
 
 
 @torch.no_grad()
 def unblend(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
-            shifts: torch.Tensor, classes: torch.Tensor, radius_px: float) -> tuple[torch.Tensor, torch.Tensor, list]:
+            shifts: torch.Tensor, classes: torch.Tensor, radius_px: float
+            ) -> tuple[torch.Tensor, torch.Tensor, dict[int, float]]:
     """:func:`unblend_class` for every class (``em.config``: ``unblend_images``, ``unblend_rounds``,
-    ``unblend_angle_deg``) of images with spectra (N, M, 2), CTF (N, M), rotations (N, 3, 3), shifts (N, 2) px and
-    classes (N,). Returns the rotations and shifts, and the classes whose poses changed."""
+    ``unblend_angle_deg``, ``unblend_tries``) of images with spectra (N, M, 2), CTF (N, M), rotations (N, 3, 3),
+    shifts (N, 2) px and classes (N,). Returns the rotations and shifts, and for each class whose poses changed the
+    gain in the mean explained fraction of its images."""
     cfg = em.config
     generator = torch.Generator().manual_seed(cfg.seed)
-    rotations, shifts, changed = rotations.clone(), shifts.clone(), []
+    rotations, shifts, changed = rotations.clone(), shifts.clone(), {}
     for k in range(cfg.classes):
         mine = (classes == k).nonzero().squeeze(1)
         if len(mine) < 2:
             continue
         found = unblend_class(em, observed[mine], ctf[mine], rotations[mine], shifts[mine], radius_px,
-                              cfg.unblend_images, cfg.unblend_rounds, cfg.unblend_angle_deg, generator)
+                              cfg.unblend_images, cfg.unblend_rounds, cfg.unblend_angle_deg, generator,
+                              cfg.unblend_tries)
         if found is not None:
-            rotations[mine], shifts[mine] = found
-            changed.append(k)
+            rotations[mine], shifts[mine], changed[k] = found
     return rotations, shifts, changed
