@@ -25,8 +25,10 @@ def keep_freed_memory() -> None:
 
     Every batch allocates tens of MB of temporaries; by default glibc unmaps each on free and the next batch
     page-faults them in again, which cost about half of a D=64 training step and a fifth of the ab initio's searches
-    (bench/RESULTS.md, "Page faults"). Peak memory grows a little (1.8 -> 2.6 GB there). Process-wide; called by the
-    command line (and the benchmarks) before any work, not by the library. No-op where the C library is not glibc.
+    (bench/RESULTS.md, "Page faults"). Peak memory grows, as freed blocks are kept: 1.8 -> 2.6 GB for D=64
+    training, 2.6 -> 10.2 GB for the D=32 ab initio of 10,000 images (bench/RESULTS.md, eleventh session).
+    Process-wide; called by the command line (and the benchmarks) before any work, not by the library. No-op where
+    the C library is not glibc.
     """
     import ctypes
 

@@ -60,11 +60,10 @@ class EMConfig:
     again in class maps rebuilt without them (``em_refine.reassign_ambiguous``).
     The stochastic EM runs from ``starts`` random starts (half of them ended in a wrong optimum on one simulated set);
     the one whose maps explain ``probe_images`` of the images best, once un-blended, is kept
-    (``ab_initio.start_quality``). After
-    the global assignment each class map is checked for a blend of two frames of one molecule (``em_unblend``:
-    ``unblend_images`` of its images split in two and refined ``unblend_rounds`` times, up to ``unblend_tries``
-    random splits; the halves' maps one molecule turned by more than ``unblend_angle_deg`` or in the other hand);
-    ``unblend_images = 0`` skips it.
+    (``ab_initio.start_quality``). After the global assignment each class map is checked for a blend of two frames
+    of one molecule (``em_unblend``: ``unblend_images`` of its images split in two and refined ``unblend_rounds``
+    times, up to ``unblend_tries`` random splits; the halves' maps one molecule turned by more than
+    ``unblend_angle_deg`` or in the other hand); ``unblend_images = 0`` skips it.
     """
 
     iterations: int = 700
