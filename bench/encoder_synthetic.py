@@ -12,8 +12,10 @@ image twice. It is trained by supervision (chordal rotation loss, shift error,
 cross-entropy of its two latent coordinates as class logits). Reported every `--report-every` steps (200): median
 rotation error and class accuracy of its predictions on 1,000 synthetic images and on 2,000 REAL held-out images (no
 alignment needed: the maps are in the true frame). `--phase-flip` multiplies every input's spectrum by the sign of
-its CTF and `--lowpass-px` zeroes it beyond that radius. Results in bench/RESULTS.md ("Fourth session",
-"Eighth session").
+its CTF and `--lowpass-px` zeroes it beyond that radius. `--grid-bins G` adds a classification head over G random
+rotations to the pose branch (cross-entropy against soft labels exp(-d^2 / 2 sigma^2) of the geodesic distance d to
+each bin, `--grid-sigma-deg`) and also reports the error of its best bin. Results in bench/RESULTS.md ("Fourth
+session", "Eighth session", "Twelfth session").
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from cryofire.io import read_star
 from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.encoder import EncoderConfig, ImageEncoder
 from cryofire.model.map_images import MapImageSimulator, simulator_from_assignment
-from cryofire.physics import fft2_centered, geodesic_distance_deg, ifft2_centered, soft_circular_window
+from cryofire.physics import (fft2_centered, geodesic_distance_deg, ifft2_centered, random_rotations,
+                              soft_circular_window)
 from cryofire.physics.ctf import ctf_from_parameters
 from cryofire.physics.lattice import frequency_grid_2d
 from cryofire.train.data import ParticleImages
@@ -71,14 +74,39 @@ def held_out(star: str, prepare: EncoderInput, device: torch.device, n: int = 20
     return images, batch["rotations"].float().to(device), states
 
 
-def scores(encoder: ImageEncoder, images: torch.Tensor, rotations: torch.Tensor, states: torch.Tensor
-           ) -> tuple[float, float]:
+class GridHead(torch.nn.Module):
+    """Logits (B, G) over G fixed random rotations, read from the encoder's pose features (its pose MLP's output)."""
+
+    def __init__(self, encoder: ImageEncoder, bins: int, sigma_deg: float) -> None:
+        super().__init__()
+        self.rotations = random_rotations(bins, generator=torch.Generator().manual_seed(11)).float()
+        self.linear = torch.nn.Linear(encoder.config.hidden_dim, bins)
+        self.sigma_deg = sigma_deg
+        encoder.pose_mlp.register_forward_hook(lambda _module, _inputs, output: setattr(self, "features", output))
+
+    def loss(self, rotations: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against soft labels by geodesic distance to the true rotations (B, 3, 3)."""
+        distance = geodesic_distance_deg(rotations[:, None], self.rotations.to(rotations.device)[None])
+        target = torch.softmax(-(distance / self.sigma_deg).square() / 2, dim=1)
+        return torch.nn.functional.cross_entropy(self.linear(self.features), target)
+
+    def best(self) -> torch.Tensor:
+        """The best bin's rotation (B, 3, 3) for the last batch encoded."""
+        return self.rotations.to(self.features.device)[self.linear(self.features).argmax(1)]
+
+
+def scores(encoder: ImageEncoder, grid: GridHead | None, images: torch.Tensor, rotations: torch.Tensor,
+           states: torch.Tensor) -> str:
+    """Median rotation error (and the grid's), per cent of states right."""
     encoder.eval()
     with torch.no_grad():
         out = encoder(images)
+        best = None if grid is None else grid.best()
     encoder.train()
-    error = geodesic_distance_deg(out.rotations[:, 0], rotations).median()
-    return float(error), float((out.z_mean.argmax(1) == states).float().mean())
+    text = f"{geodesic_distance_deg(out.rotations[:, 0], rotations).median():.1f} deg"
+    if best is not None:
+        text += f" (grid {geodesic_distance_deg(best, rotations).median():.1f} deg)"
+    return text + f" / {100 * (out.z_mean.argmax(1) == states).float().mean():.1f} %"
 
 
 def main() -> None:
@@ -92,6 +120,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--encoder", type=json.loads, default={}, help="EncoderConfig overrides as JSON")
+    parser.add_argument("--grid-bins", type=int, default=0, help="rotations of a classification head (0: none)")
+    parser.add_argument("--grid-sigma-deg", type=float, default=10.0, help="width of the grid head's soft labels")
     parser.add_argument("--cosine", action="store_true", help="learning rate 1e-3 decaying to 0 over --minutes")
     parser.add_argument("--clean-start", type=float, nargs=2, metavar=("SCALE", "IMAGES"), default=(1.0, 0),
                         help="noise amplitude SCALE x the data's at first, rising linearly to 1 over IMAGES images")
@@ -104,7 +134,8 @@ def main() -> None:
     synthetic = (prepare(fixed.images, fixed.ctf_parameters), fixed.rotations, fixed.classes)
     real = held_out(args.heldout, prepare, device)
     encoder = ImageEncoder(simulator.size, EncoderConfig(**{"zdim": 2, **args.encoder})).to(device)
-    optimiser = torch.optim.Adam(encoder.parameters(), 1e-3)
+    grid = GridHead(encoder, args.grid_bins, args.grid_sigma_deg).to(device) if args.grid_bins else None
+    optimiser = torch.optim.Adam([*encoder.parameters(), *(grid.parameters() if grid else [])], 1e-3)
     generator = torch.Generator().manual_seed(0)
     started, step = time.time(), 0
     while (elapsed := time.time() - started) < 60 * args.minutes:
@@ -113,7 +144,8 @@ def main() -> None:
         out = encoder(prepare(drawn.images, drawn.ctf_parameters))
         loss = ((out.rotations[:, 0] - drawn.rotations).square().sum((-2, -1)).mean()
                 + (out.shifts_px[:, 0] - drawn.shifts_px).square().sum(-1).mean() / 9
-                + torch.nn.functional.cross_entropy(out.z_mean, drawn.classes))
+                + torch.nn.functional.cross_entropy(out.z_mean, drawn.classes)
+                + (grid.loss(drawn.rotations) if grid else 0.0))
         optimiser.zero_grad()
         loss.backward()
         if args.cosine:
@@ -121,10 +153,9 @@ def main() -> None:
         optimiser.step()
         step += 1
         if step % args.report_every == 0:
-            (s_err, s_acc), (r_err, r_acc) = scores(encoder, *synthetic), scores(encoder, *real)
-            print(f"{args.batch * step} images, {time.time() - started:.0f} s: synthetic {s_err:.1f} deg / "
-                  f"{100 * s_acc:.1f} % "
-                  f"states right; real held-out {r_err:.1f} deg / {100 * r_acc:.1f} %", flush=True)
+            print(f"{args.batch * step} images, {time.time() - started:.0f} s: synthetic "
+                  f"{scores(encoder, grid, *synthetic)} states right; real held-out {scores(encoder, grid, *real)}",
+                  flush=True)
 
 
 if __name__ == "__main__":
