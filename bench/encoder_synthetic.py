@@ -79,20 +79,20 @@ class GridHead(torch.nn.Module):
 
     def __init__(self, encoder: ImageEncoder, bins: int, sigma_deg: float) -> None:
         super().__init__()
-        self.rotations = random_rotations(bins, generator=torch.Generator().manual_seed(11)).float()
+        self.register_buffer("rotations", random_rotations(bins, generator=torch.Generator().manual_seed(11)).float())
         self.linear = torch.nn.Linear(encoder.config.hidden_dim, bins)
         self.sigma_deg = sigma_deg
         encoder.pose_mlp.register_forward_hook(lambda _module, _inputs, output: setattr(self, "features", output))
 
     def loss(self, rotations: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against soft labels by geodesic distance to the true rotations (B, 3, 3)."""
-        distance = geodesic_distance_deg(rotations[:, None], self.rotations.to(rotations.device)[None])
+        distance = geodesic_distance_deg(rotations[:, None], self.rotations[None])
         target = torch.softmax(-(distance / self.sigma_deg).square() / 2, dim=1)
         return torch.nn.functional.cross_entropy(self.linear(self.features), target)
 
     def best(self) -> torch.Tensor:
         """The best bin's rotation (B, 3, 3) for the last batch encoded."""
-        return self.rotations.to(self.features.device)[self.linear(self.features).argmax(1)]
+        return self.rotations[self.linear(self.features).argmax(1)]
 
 
 def scores(encoder: ImageEncoder, grid: GridHead | None, images: torch.Tensor, rotations: torch.Tensor,
