@@ -8,9 +8,11 @@
 #      the D=64 target measured end to end. Log OUT/acc64.log, search and epoch records OUT/acc64_log.jsonl,
 #      results OUT/acc64.json.
 #   A. bench/accuracy.py at D=32 (10,000 + 2,000 images, seeds in SEEDS32; EPOCHS epochs) with SIMULATED images
-#      from the teacher's class maps added to every step (`simulated_batch_size`): OUT/acc32s<seed>.*.
+#      from the teacher's class maps added to every step (`simulated_batch_size`) and the ModelConfig overrides
+#      MODEL32 (default the narrow encoder, channels 8 -> 64: thirteenth session): OUT/acc32s<seed>.*.
 #   C. bench/encoder_synthetic.py on CUDA for MINUTES (unlimited images from the true-pose maps of the seed-1 set,
-#      batch 512, ENCODER_FLAGS, default a cosine-decaying learning rate): OUT/encoder.log.
+#      batch 512, the EncoderConfig overrides ENCODER_JSON (default the same narrow encoder), ENCODER_FLAGS, default a
+#      cosine-decaying learning rate): OUT/encoder.log.
 # Eighth session (the first run of this script, with EPOCHS=10, no simulated images, N64=50000, EPOCHS64=2, all four
 # jobs at once): bench/RESULTS.md.
 #
@@ -30,6 +32,8 @@ simulated=${SIMULATED:-512}
 minutes=${MINUTES:-7}
 report_every=${REPORT_EVERY:-100}
 encoder_flags=${ENCODER_FLAGS:---cosine}
+encoder_json=${ENCODER_JSON:-'{"channels": 8, "max_channels": 64}'}
+model32=${MODEL32:-'{"encoder_channels": 8, "encoder_max_channels": 64}'}
 em_iterations=${EM_ITERATIONS:-700}  # the EM teacher's defaults (TrainConfig, EMConfig)
 em_starts=${EM_STARTS:-4}
 deadline=${DEADLINE_S:-550}          # seconds from the start until every job is stopped
@@ -56,21 +60,21 @@ prepare() {  # box n_train seed folder
 prepare(Path('$4'), $1, $2, 2000, $3); print('D=$1 seed $3: $2 + 2000 images prepared in %.0f s' % (time.time() - t))" \
         2>&1 | grep prepared | tee -a "$out/prepare.log"
 }
-accuracy() {  # name folder box n_train epochs seed simulated_batch_size
+accuracy() {  # name folder box n_train epochs seed simulated_batch_size model_json
     timeout "$(left)" python3 bench/accuracy.py --out "$2" --box "$3" --n-train "$4" --epochs "$5" --seed "$6" \
-        --train "$(options "$7")" > "$out/$1.log" 2>&1
+        --train "$(options "$7")" --model "$8" > "$out/$1.log" 2>&1
     echo "$1: exit $? after $(( $(date +%s) - started )) s" >> "$out/jobs.txt"
     cp "$2/accuracy.json" "$out/$1.json" 2>/dev/null
     grep -h '"event": "\(search\|epoch\)"' "$2/run/log.jsonl" > "$out/$1_log.jsonl" 2>/dev/null
 }
-( prepare 64 "$n64" 1 $work/d64 && accuracy acc64 $work/d64 64 "$n64" "$epochs64" 1 0 ) &
+( prepare 64 "$n64" 1 $work/d64 && accuracy acc64 $work/d64 64 "$n64" "$epochs64" 1 0 '{}' ) &
 for seed in $seeds32; do
     prepare 32 "$n32" "$seed" $work/d32s$seed
-    accuracy acc32s$seed $work/d32s$seed 32 "$n32" "$epochs" "$seed" "$simulated" &
+    accuracy acc32s$seed $work/d32s$seed 32 "$n32" "$epochs" "$seed" "$simulated" "$model32" &
 done
 ( timeout "$(left)" python3 bench/encoder_synthetic.py --star $work/d32s1/prep/train.star \
     --heldout $work/d32s1/prep/heldout.star --minutes "$minutes" --device "$device" --batch 512 \
-    --report-every "$report_every" $encoder_flags > "$out/encoder.log" 2>&1
+    --report-every "$report_every" --encoder "$encoder_json" $encoder_flags > "$out/encoder.log" 2>&1
   echo "encoder: exit $? after $(( $(date +%s) - started )) s" >> "$out/jobs.txt" ) &
 wait
 cat "$out/jobs.txt"
