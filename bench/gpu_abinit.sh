@@ -8,11 +8,10 @@
 #      the D=64 target measured end to end. Log OUT/acc64.log, search and epoch records OUT/acc64_log.jsonl,
 #      results OUT/acc64.json.
 #   A. bench/accuracy.py at D=32 (10,000 + 2,000 images, seeds in SEEDS32; EPOCHS epochs) with SIMULATED images
-#      from the teacher's class maps added to every step (`simulated_batch_size`) and the ModelConfig overrides
-#      MODEL32 (default the narrow encoder, channels 8 -> 64: thirteenth session): OUT/acc32s<seed>.*.
+#      from the teacher's class maps added to every step (`simulated_batch_size`) and an encoder of ENCODER_CHANNELS
+#      doubling to ENCODER_MAX_CHANNELS (default 8 -> 64, the narrow encoder: thirteenth session): OUT/acc32s<seed>.*.
 #   C. bench/encoder_synthetic.py on CUDA for MINUTES (unlimited images from the true-pose maps of the seed-1 set,
-#      batch 512, the EncoderConfig overrides ENCODER_JSON (default the same narrow encoder), ENCODER_FLAGS, default a
-#      cosine-decaying learning rate): OUT/encoder.log.
+#      batch 512, the same encoder widths, ENCODER_FLAGS, default a cosine-decaying learning rate): OUT/encoder.log.
 # Eighth session (the first run of this script, with EPOCHS=10, no simulated images, N64=50000, EPOCHS64=2, all four
 # jobs at once): bench/RESULTS.md.
 #
@@ -32,8 +31,10 @@ simulated=${SIMULATED:-512}
 minutes=${MINUTES:-7}
 report_every=${REPORT_EVERY:-100}
 encoder_flags=${ENCODER_FLAGS:---cosine}
-encoder_json=${ENCODER_JSON:-'{"channels": 8, "max_channels": 64}'}
-model32=${MODEL32:-'{"encoder_channels": 8, "encoder_max_channels": 64}'}
+channels=${ENCODER_CHANNELS:-8}
+max_channels=${ENCODER_MAX_CHANNELS:-64}
+encoder_json="{\"channels\": $channels, \"max_channels\": $max_channels}"  # EncoderConfig
+model32="{\"encoder_channels\": $channels, \"encoder_max_channels\": $max_channels}"  # ModelConfig
 em_iterations=${EM_ITERATIONS:-700}  # the EM teacher's defaults (TrainConfig, EMConfig)
 em_starts=${EM_STARTS:-4}
 deadline=${DEADLINE_S:-550}          # seconds from the start until every job is stopped
