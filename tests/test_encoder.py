@@ -1,13 +1,18 @@
 """ImageEncoder: stage count from the box, output shapes, proper rotations, bounded shifts and
-log-variances, and the identity start used by pose refinement."""
+log-variances, the identity start used by pose refinement, and the in-plane canonical option (axis angle of an
+elongated blob; predictions that turn with the image)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from cryofire.errors import ConfigError
-from cryofire.model import EncoderConfig, ImageEncoder, num_stages
+from cryofire.model import EncoderConfig, ImageEncoder, ModelConfig, num_stages
+from cryofire.physics import (circular_mask, fft2_centered, ifft2_centered, inplane_rotation_matrix, rotate_images,
+                              soft_circular_window)
 from cryofire.model.encoder import LOGVAR_BOUND
 
 
@@ -69,3 +74,46 @@ def test_per_image_scale_does_not_change_the_prediction() -> None:
 def test_invalid_options_raise() -> None:
     with pytest.raises(ConfigError):
         EncoderConfig(num_pose_heads=0)
+
+
+def _smooth_windowed_images(count: int, size: int, seed: int) -> torch.Tensor:
+    """Random low-resolution images inside the model's window (B, D, D)."""
+    noise = torch.randn(count, size, size, generator=torch.Generator().manual_seed(seed))
+    spectrum = fft2_centered(noise) * circular_mask(size, size / 6)
+    return ifft2_centered(spectrum).real * soft_circular_window(size, 0.85, 0.99)
+
+
+def test_axis_angle_of_an_elongated_blob() -> None:
+    """An elliptical Gaussian whose long axis is at a from x: the second moment's axis angle is a (mod 180)."""
+    encoder = ImageEncoder(32, small_config(inplane_canonical=True))
+    c = torch.arange(32.0) - 16
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    for angle in (30.0, -60.0, 120.0, 3.0):
+        a = math.radians(angle)
+        along, across = x * math.cos(a) + y * math.sin(a), -x * math.sin(a) + y * math.cos(a)
+        blob = torch.exp(-(along**2) / (2 * 5.0**2) - across**2 / (2 * 2.0**2))
+        found = float(encoder.axis_angles_deg(blob[None]))
+        assert (found - angle + 90) % 180 - 90 == pytest.approx(0, abs=0.5)
+
+
+def test_inplane_canonical_encoder_turns_its_predictions_with_the_image() -> None:
+    """Turning an image by a quarter turn towards its axis's range turns the predicted pose by Rz(a) and the shift by
+    the 2D turn, and leaves z alone: the CNN sees the same canonical image (quarter turns permute pixels)."""
+    encoder = ImageEncoder(32, small_config(zdim=3, num_pose_heads=2, inplane_canonical=True)).eval()
+    torch.nn.init.normal_(encoder.shift_head.weight, std=0.3)
+    images = _smooth_windowed_images(6, 32, seed=2)
+    angles = encoder.axis_angles_deg(images)
+    turns = torch.where(angles <= 0, 90.0, -90.0)  # keeps each axis angle inside (-90, 90]
+    with torch.no_grad():
+        before, after = encoder(images), encoder(rotate_images(images, turns))
+    assert torch.allclose(encoder.axis_angles_deg(rotate_images(images, turns)), angles + turns, atol=1e-3)
+    turn = inplane_rotation_matrix(turns)[:, None]
+    assert torch.allclose(after.rotations, turn @ before.rotations, atol=1e-4)
+    assert torch.allclose(after.shifts_px, (turn[..., :2, :2] @ before.shifts_px[..., None])[..., 0], atol=1e-4)
+    assert torch.allclose(after.z_mean, before.z_mean, atol=1e-4)
+    assert before.shifts_px.abs().max() > 0.1  # the shift check is not trivially zero
+
+
+def test_inplane_canonical_refuses_pose_refinement() -> None:
+    with pytest.raises(ConfigError, match="encoder_inplane_canonical"):
+        ModelConfig(box_size=32, pose_mode="refine", encoder_inplane_canonical=True)

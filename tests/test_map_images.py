@@ -107,14 +107,18 @@ def particles(tmp_path_factory) -> str:
 def test_simulated_images_without_the_em_teacher_are_refused():
     with pytest.raises(ConfigError, match="--simulated-batch-size needs the em teacher"):
         TrainConfig(search_fraction=1.0, teacher="search", simulated_batch_size=8)
+    with pytest.raises(ConfigError, match="simulated_noise_ramp"):
+        TrainConfig(search_fraction=1.0, teacher="em", simulated_batch_size=8, simulated_noise_ramp=1.5)
 
 
 def test_training_with_simulated_images_resumes_exactly(particles, tmp_path):
     """The "em" teacher's simulated images join every step (the encoder's rotation error is logged as usual), and a
-    run killed after its first epoch resumes to the same weights: the maps are rebuilt from the checkpointed poses
-    and each step's images come from a generator seeded by the step."""
-    config = TrainConfig(epochs=3, batch_size=16, learning_rate=1e-3, model=SMALL_MODEL, search_fraction=1.0,
-                         teacher="em", em_iterations=20, em_starts=1, em_classes=1, simulated_batch_size=8)
+    run killed after its first epoch resumes to the same weights: the maps are rebuilt from the checkpointed poses,
+    each step's images come from a generator seeded by the step, and their noise ramp (over half the run, past the
+    kill) from the images seen. The encoder turns its images to their axes (in-plane canonical)."""
+    config = TrainConfig(epochs=3, batch_size=16, learning_rate=1e-3, search_fraction=1.0,
+                         model={**SMALL_MODEL, "encoder_inplane_canonical": True}, teacher="em", em_iterations=20,
+                         em_starts=1, em_classes=1, simulated_batch_size=8, simulated_noise_ramp=0.5)
     uninterrupted = train(particles, tmp_path / "full", config)
     records = [json.loads(line) for line in (uninterrupted / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train_loss"]) for r in records if r["event"] == "epoch")

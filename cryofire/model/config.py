@@ -37,6 +37,9 @@ class ModelConfig:
         encoder_channels: channels of the first CNN stage (doubling per stage).
         encoder_max_channels: channel cap of the CNN.
         encoder_hidden_dim: width of the MLPs before the encoder heads.
+        encoder_inplane_canonical: the encoder turns each image to the axis of its low-resolution second moment
+            and turns its predicted pose and shift back, so in-plane turns need not be learned (ab initio;
+            not with pose_mode refine).
         decoder_width: hidden width of the hypervolume's residual MLP.
         decoder_depth: residual blocks of the hypervolume.
         num_fourier_features: random Fourier feature vectors of the positional encoding.
@@ -71,6 +74,7 @@ class ModelConfig:
     encoder_channels: int = 32
     encoder_max_channels: int = 256
     encoder_hidden_dim: int = 256
+    encoder_inplane_canonical: bool = False
     decoder_width: int = 256
     decoder_depth: int = 3
     num_fourier_features: int = 64
@@ -96,6 +100,9 @@ class ModelConfig:
             raise ConfigError("need 0 <= window_inner_fraction < window_outer_fraction")
         if self.kl_weight < 0 or self.max_shift_fraction < 0:
             raise ConfigError("kl_weight and max_shift_fraction must be >= 0")
+        if self.encoder_inplane_canonical and self.pose_mode == "refine":
+            raise ConfigError("encoder_inplane_canonical cannot be used with pose_mode refine (the encoder's "
+                              "correction must start at the identity)")
         self.encoder_config()
         self.decoder_config()
         self.schedule_config()
@@ -122,6 +129,7 @@ class ModelConfig:
             channels=self.encoder_channels,
             max_channels=self.encoder_max_channels,
             hidden_dim=self.encoder_hidden_dim,
+            inplane_canonical=self.encoder_inplane_canonical,
             max_shift_px=self.max_shift_fraction * self.box_size,
         )
 

@@ -9,6 +9,13 @@ keep the latent's training (after the pose-only phase) from reshaping the pose r
 shift is bounded. These are design choices meant to ease convergence at low SNR, not measured
 here: check them against rotation error on simulated data.
 
+With ``inplane_canonical`` each image is first turned in-plane so that the axis of its low-resolution second
+moment lies along x (the angle from one dot product with a fixed kernel), and the predicted poses and shifts are
+turned back by the same angle. The axis has no direction, so the CNN sees each view at one of two orientations
+180 degrees apart, whatever in-plane angle it came in at, instead of learning the in-plane angle from examples; a
+turn of the input turns the predictions with it as long as the axis angle stays in (-90, 90] degrees. Measured in
+bench/RESULTS.md (fourteenth session).
+
 Heads, for each of ``num_pose_heads`` hypotheses (winner-takes-all, METHOD.md section 7):
 rotation (6 numbers -> S2S2 Gram-Schmidt -> RELION matrix) and shift (2 numbers ->
 ``max_shift_px * tanh``, bounded, in pixels, the RELION-origin sign: it re-centres the image).
@@ -25,7 +32,8 @@ import torch
 from torch import nn
 
 from cryofire.errors import ConfigError
-from cryofire.physics import s2s2_to_matrix
+from cryofire.physics import (circular_mask, fft2_centered, frequency_grid_2d, ifft2_centered, inplane_rotation_matrix,
+                              rotate_images, s2s2_to_matrix)
 
 LOGVAR_BOUND = 8.0
 FINAL_MAP_PX = 4
@@ -44,6 +52,8 @@ class EncoderConfig:
         max_channels: channel cap.
         hidden_dim: width of the MLPs between the CNN and the heads.
         max_shift_px: bound on the predicted shifts, in pixels of the input box.
+        inplane_canonical: turn each image to the axis of its low-resolution second moment before the CNN and
+            turn the predicted poses and shifts back (in-plane equivariance).
     """
 
     zdim: int = 8
@@ -53,6 +63,7 @@ class EncoderConfig:
     max_channels: int = 256
     hidden_dim: int = 256
     max_shift_px: float = 3.0
+    inplane_canonical: bool = False
 
     def __post_init__(self) -> None:
         if self.zdim < 0 or self.num_pose_heads < 1 or self.max_shift_px < 0:
@@ -104,6 +115,19 @@ def _conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def second_moment_kernel(box_size: int) -> torch.Tensor:
+    """Kernel (2, D, D) whose dot products with an image are the real and imaginary parts of its second circular
+    moment ``sum_r image(r) exp(2 i theta(r))`` over ``0 < |r| < 0.4 D``, low-passed to ``D / 5`` frequency px (the
+    molecule's outline, not the noise). Half the moment's phase is the image's axis angle."""
+    offsets = frequency_grid_2d(box_size, dtype=torch.float64) * box_size  # (D, D, 2): x, y px
+    theta = torch.atan2(offsets[..., 1], offsets[..., 0])
+    radius = offsets.norm(dim=-1)
+    inside = (radius > 0) & (radius < 0.4 * box_size)  # the centre has no angle
+    moment = torch.polar(inside.double(), 2 * theta)
+    lowpassed = ifft2_centered(fft2_centered(moment) * circular_mask(box_size, box_size / 5))
+    return torch.stack((lowpassed.real, lowpassed.imag)).float()
+
+
 def _mlp(in_features: int, hidden_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_features, hidden_dim),
@@ -140,6 +164,8 @@ class ImageEncoder(nn.Module):
         self.conformation_mlp = _mlp(features, config.hidden_dim) if config.zdim else None
         z_outputs = config.zdim * (2 if config.variational else 1)
         self.conformation_head = nn.Linear(config.hidden_dim, z_outputs) if config.zdim else None
+        kernel = second_moment_kernel(box_size) if config.inplane_canonical else torch.zeros(0)
+        self.register_buffer("moment_kernel", kernel, persistent=False)
 
     def start_at_identity(self) -> None:
         """Make every pose head output the identity rotation and a zero shift for any input, so
@@ -149,8 +175,26 @@ class ImageEncoder(nn.Module):
             identity = self.rotation_head.bias.new_tensor(_IDENTITY_S2S2)
             self.rotation_head.bias.copy_(identity.repeat(self.config.num_pose_heads))
 
+    def axis_angles_deg(self, images: torch.Tensor) -> torch.Tensor:
+        """In-plane angle (B,) in degrees, in (-90, 90], of the axis of each image's low-resolution second moment;
+        an image turned by ``a`` has its axis at ``angle + a`` (modulo 180)."""
+        moment = torch.einsum("cyx,byx->bc", self.moment_kernel, images.float())
+        return torch.rad2deg(torch.atan2(moment[:, 1], moment[:, 0])) / 2
+
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         """Encode images (B, D, D); see :class:`EncoderOutput` for the shapes."""
+        if not self.config.inplane_canonical:
+            return self._encode(images)
+        with torch.autocast(images.device.type, enabled=False):  # an angle, not a feature: full precision
+            angles = self.axis_angles_deg(images)
+            canonical = rotate_images(images.float(), -angles).to(images.dtype)
+        out = self._encode(canonical)
+        turn = inplane_rotation_matrix(angles)[:, None]  # (B, 1, 3, 3): the canonical image's pose -> the input's
+        shifts = (turn[..., :2, :2] @ out.shifts_px[..., None])[..., 0]
+        return EncoderOutput(turn @ out.rotations, shifts, out.z_mean, out.z_logvar)
+
+    def _encode(self, images: torch.Tensor) -> EncoderOutput:
+        """The CNN and heads on images (B, D, D) as given."""
         features = self.cnn(_standardise(images))
         pose_features = self.pose_mlp(features)
         batch, heads = images.shape[0], self.config.num_pose_heads

@@ -33,6 +33,10 @@ from cryofire.physics.fsc import (
     fourier_shell_correlation as fourier_shell_correlation,
     resolution_at as resolution_at,
 )
+from cryofire.physics.inplane import (
+    inplane_rotation_matrix as inplane_rotation_matrix,
+    rotate_images as rotate_images,
+)
 from cryofire.physics.lattice import (
     circular_mask as circular_mask,
     crop_centered as crop_centered,

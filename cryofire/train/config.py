@@ -55,6 +55,9 @@ class TrainConfig:
             class proportions and noise spectrum; :mod:`cryofire.model.map_images`) added to every step while it
             teaches, for the encoder alone (pose, shift and class losses at their known values). The encoder needs
             millions of images to learn poses, more than a data set holds (0 = off).
+        simulated_noise_ramp: fraction of the planned images over which the simulated images' noise amplitude
+            rises linearly from 0.1 to 1 times the data's (a curriculum: the encoder finds poses sooner on cleaner
+            images first); 0 = the data's noise from the start.
         search_every_images: images between two pose searches (0 = twice per epoch; "search" teacher).
         search_rotations: random rotations scored per search.
         search_max_radius_px: highest frequency radius (lattice px) used by the search.
@@ -81,6 +84,7 @@ class TrainConfig:
     em_starts: int = 4
     em_classes: int = 2
     simulated_batch_size: int = 0
+    simulated_noise_ramp: float = 0.0
     search_every_images: int = 0
     search_rotations: int = 8192
     search_max_radius_px: float = 8.0
@@ -97,6 +101,7 @@ class TrainConfig:
             "teacher": self.teacher in ("em", "search"), "em_iterations": self.em_iterations >= 1,
             "em_starts": self.em_starts >= 1, "em_classes": self.em_classes >= 1,
             "simulated_batch_size": self.simulated_batch_size >= 0,
+            "simulated_noise_ramp": 0.0 <= self.simulated_noise_ramp <= 1.0,
             "search_every_images": self.search_every_images >= 0, "search_rotations": self.search_rotations >= 1,
             "search_max_radius_px": self.search_max_radius_px >= 1.0,
         }

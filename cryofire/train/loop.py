@@ -284,8 +284,14 @@ class Trainer:
                 (self.config.seed * 1_000_003 + self.images_seen) * 101 + self.launch.rank)
             targets["simulated"] = self.teacher.simulated(
                 self.config.simulated_batch_size, generator, self.model, self.train_set, self.device,
-                4 * self.config.batch_size, self.config.num_workers)
+                4 * self.config.batch_size, self.config.num_workers, self.simulated_noise_scale())
         return targets
+
+    def simulated_noise_scale(self) -> float:
+        """Noise amplitude of the simulated images relative to the data's: 0.1 rising linearly to 1 over the first
+        ``simulated_noise_ramp`` of the planned images, then 1."""
+        ramp_images = self.config.simulated_noise_ramp * self.model.config.planned_images
+        return min(1.0, 0.1 + 0.9 * self.images_seen / ramp_images) if ramp_images else 1.0
 
     def radius_px(self) -> float:
         from cryofire.model import frequency_radius_px

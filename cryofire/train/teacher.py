@@ -135,14 +135,15 @@ class EMTeacher(PoseTeacher):
 
     @torch.no_grad()
     def simulated(self, count: int, generator: torch.Generator, model: CryoFireModel, dataset: ParticleImages,
-                  device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
+                  device: torch.device, batch_size: int, num_workers: int, noise_scale: float = 1.0
+                  ) -> dict[str, torch.Tensor]:
         """``count`` images simulated from the class maps of the teacher's assignment, with their poses and
-        one-hot classes as targets (the ``simulated`` argument of the model). The maps are rebuilt from the stored
-        poses on first use (after a resume too)."""
+        one-hot classes as targets (the ``simulated`` argument of the model), their noise ``noise_scale`` times the
+        data's in amplitude. The maps are rebuilt from the stored poses on first use (after a resume too)."""
         if self._simulator is None:
             with _full_float32():
                 self._simulator = self._build_simulator(model, dataset, device, batch_size, num_workers)
-        drawn = self._simulator.draw(count, generator)
+        drawn = self._simulator.draw(count, generator, noise_scale)
         classes = torch.nn.functional.one_hot(drawn.classes, self.config.classes)
         return {"images": drawn.images, "target_rotations": drawn.rotations, "target_shifts_px": drawn.shifts_px,
                 "target_classes": classes}
