@@ -8,10 +8,13 @@
 #      the D=64 target measured end to end. Log OUT/acc64.log, search and epoch records OUT/acc64_log.jsonl,
 #      results OUT/acc64.json.
 #   A. bench/accuracy.py at D=32 (10,000 + 2,000 images, seeds in SEEDS32; EPOCHS epochs) with SIMULATED images
-#      from the teacher's class maps added to every step (`simulated_batch_size`) and an encoder of ENCODER_CHANNELS
-#      doubling to ENCODER_MAX_CHANNELS (default 8 -> 64, the narrow encoder: thirteenth session): OUT/acc32s<seed>.*.
+#      from the teacher's class maps added to every step (`simulated_batch_size`), their noise rising from 0.1 of the
+#      data's over NOISE_RAMP of the run (default 0.3), and an encoder of ENCODER_CHANNELS doubling to
+#      ENCODER_MAX_CHANNELS (default 8 -> 64, the narrow encoder: thirteenth session), in-plane canonical unless
+#      CANONICAL=false (fourteenth session): OUT/acc32s<seed>.*.
 #   C. bench/encoder_synthetic.py on CUDA for MINUTES (unlimited images from the true-pose maps of the seed-1 set,
-#      batch 512, the same encoder widths, ENCODER_FLAGS, default a cosine-decaying learning rate): OUT/encoder.log.
+#      batch 512, the same encoder, ENCODER_FLAGS, default a cosine-decaying learning rate and the noise rising from
+#      0.1 of the data's over the first 300,000 images): OUT/encoder.log.
 # Eighth session (the first run of this script, with EPOCHS=10, no simulated images, N64=50000, EPOCHS64=2, all four
 # jobs at once): bench/RESULTS.md.
 #
@@ -30,11 +33,14 @@ epochs64=${EPOCHS64:-2}
 simulated=${SIMULATED:-512}
 minutes=${MINUTES:-7}
 report_every=${REPORT_EVERY:-100}
-encoder_flags=${ENCODER_FLAGS:---cosine}
+encoder_flags=${ENCODER_FLAGS:---cosine --clean-start 0.1 300000}
 channels=${ENCODER_CHANNELS:-8}
 max_channels=${ENCODER_MAX_CHANNELS:-64}
-encoder_json="{\"channels\": $channels, \"max_channels\": $max_channels}"  # EncoderConfig
-model32="{\"encoder_channels\": $channels, \"encoder_max_channels\": $max_channels}"  # ModelConfig
+canonical=${CANONICAL:-true}
+noise_ramp=${NOISE_RAMP:-0.3}
+encoder_json="{\"channels\": $channels, \"max_channels\": $max_channels, \"inplane_canonical\": $canonical}"
+model32="{\"encoder_channels\": $channels, \"encoder_max_channels\": $max_channels,"
+model32+=" \"encoder_inplane_canonical\": $canonical}"  # ModelConfig; encoder_json: EncoderConfig
 em_iterations=${EM_ITERATIONS:-700}  # the EM teacher's defaults (TrainConfig, EMConfig)
 em_starts=${EM_STARTS:-4}
 deadline=${DEADLINE_S:-550}          # seconds from the start until every job is stopped
@@ -52,8 +58,8 @@ python3 -c "import torch; print('torch', torch.__version__, 'threads', torch.get
 left() { echo $(( deadline - ($(date +%s) - started) )); }
 work=/tmp/cryofire_abinit
 options() {  # simulated_batch_size
-    printf '{"learning_rate": 1e-3, "search_fraction": 1.0, "teacher": "em", "device": "%s", "num_workers": 3, "em_iterations": %d, "em_starts": %d, "simulated_batch_size": %d}' \
-        "$device" "$em_iterations" "$em_starts" "$1"
+    printf '{"learning_rate": 1e-3, "search_fraction": 1.0, "teacher": "em", "device": "%s", "num_workers": 3, "em_iterations": %d, "em_starts": %d, "simulated_batch_size": %d, "simulated_noise_ramp": %s}' \
+        "$device" "$em_iterations" "$em_starts" "$1" "$noise_ramp"
 }
 # Data as accuracy.py prepares it (simulated at twice the box on the CPU, then Fourier-cropped).
 prepare() {  # box n_train seed folder

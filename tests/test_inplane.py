@@ -59,7 +59,8 @@ def test_quarter_turns_permute_pixels_exactly() -> None:
 def test_turned_projection_is_the_projection_at_the_turned_pose() -> None:
     c = torch.arange(SIZE, dtype=F64) - SIZE // 2
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    volume = torch.exp(-((x - 4) ** 2 + (y + 2) ** 2 + (z - 1) ** 2) / 18) + 0.5 * torch.exp(-((x + 3) ** 2 + y**2 + z**2) / 18)
+    volume = (torch.exp(-((x - 4) ** 2 + (y + 2) ** 2 + (z - 1) ** 2) / 18)
+              + 0.5 * torch.exp(-((x + 3) ** 2 + y**2 + z**2) / 18))
     poses = random_rotations(3, generator=torch.Generator().manual_seed(1), dtype=F64)
     angles = torch.tensor([37.0, -100.0, 160.0], dtype=F64)
     turned = rotate_images(project_volume(volume, poses), angles)
