@@ -119,9 +119,13 @@ def test_training_with_simulated_images_resumes_exactly(particles, tmp_path):
     config = TrainConfig(epochs=3, batch_size=16, learning_rate=1e-3, search_fraction=1.0,
                          model={**SMALL_MODEL, "encoder_inplane_canonical": True}, teacher="em", em_iterations=20,
                          em_starts=1, em_classes=1, simulated_batch_size=8, simulated_noise_ramp=0.5)
-    uninterrupted = train(particles, tmp_path / "full", config)
+    uninterrupted = train(particles, tmp_path / "full", replace(config, log_every_steps=1))
     records = [json.loads(line) for line in (uninterrupted / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train_loss"]) for r in records if r["event"] == "epoch")
+    # 3 epochs x 128 images: the noise rises from 0.1 to 1 over the first 192 images, logged with each step
+    ramp = [(r["images_seen"], r["simulated_noise_scale"]) for r in records if r["event"] == "step"]
+    assert ramp[0] == (16, pytest.approx(0.1 + 0.9 * 16 / 192)) and ramp[-1] == (384, 1.0)
+    assert [scale for _, scale in ramp] == sorted(scale for _, scale in ramp)
     partial = Trainer(particles, tmp_path / "resumed", replace(config))
     partial.config.epochs = 1
     partial.fit()

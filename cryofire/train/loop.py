@@ -232,9 +232,10 @@ class Trainer:
             rate = (self.images_seen - images_at_start) / max(time.time() - started, 1e-9)
             progress.set_postfix(loss=f"{losses[-1] if losses else math.nan:.4g}", img_s=f"{rate:.0f}")
             if (step + 1) % cfg.log_every_steps == 0:
+                simulated = {"simulated_noise_scale": self.simulated_noise_scale()} if cfg.simulated_batch_size else {}
                 self.log({"event": "step", "epoch": self.epoch, "images_seen": self.images_seen,
                           "loss": float(np.mean(losses[-cfg.log_every_steps:])), "images_per_s": rate,
-                          "learning_rate": cfg.learning_rate, "radius_px": self.radius_px()})
+                          "learning_rate": cfg.learning_rate, "radius_px": self.radius_px(), **simulated})
         return float(np.mean(losses)) if losses else math.nan
 
     def step(self, batch: dict) -> float | None:
