@@ -164,7 +164,7 @@ class ImageEncoder(nn.Module):
         self.conformation_mlp = _mlp(features, config.hidden_dim) if config.zdim else None
         z_outputs = config.zdim * (2 if config.variational else 1)
         self.conformation_head = nn.Linear(config.hidden_dim, z_outputs) if config.zdim else None
-        kernel = second_moment_kernel(box_size) if config.inplane_canonical else torch.zeros(0)
+        kernel = second_moment_kernel(box_size) if config.inplane_canonical else None
         self.register_buffer("moment_kernel", kernel, persistent=False)
 
     def start_at_identity(self) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from cryofire.physics.lattice import frequency_grid_2d
+from cryofire.physics.rotations import euler_to_matrix
 
 
 def inplane_rotation_matrix(angles_deg: torch.Tensor) -> torch.Tensor:
-    """Rotations (..., 3, 3) about the viewing axis z by ``angles_deg`` (...,), counter-clockwise from x to y."""
-    radians = torch.deg2rad(angles_deg)
-    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
-    rows = ((cos, -sin, zero), (sin, cos, zero), (zero, zero, torch.ones_like(radians)))
-    return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+    """Rotations (..., 3, 3) about the viewing axis z by ``angles_deg`` (...,), counter-clockwise from x to y: the
+    RELION matrix of psi = -angle (rot = tilt = 0)."""
+    zero = torch.zeros_like(angles_deg)
+    return euler_to_matrix(zero, zero, -angles_deg)
 
 
 def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
