@@ -64,6 +64,41 @@ def test_resume_after_interruption_gives_the_same_weights(particles, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_moving_average_of_the_weights_follows_its_recursion(particles, tmp_path):
+    """After each step the average becomes d * average + (1 - d) * weights (the first step's weights copied)."""
+    trainer = Trainer(particles, tmp_path / "run", small_config(ema_decay=0.75))
+    live = []
+    for start in (0, 16, 32):
+        trainer.step(trainer.train_set.__getitems__(list(range(start, start + 16))))
+        live.append({k: v.detach().clone() for k, v in trainer.model.named_parameters()})
+    averaged = dict(trainer.shipped_model.named_parameters())
+    for name, value in averaged.items():
+        expected = 0.75 * (0.75 * live[0][name] + 0.25 * live[1][name]) + 0.25 * live[2][name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert not torch.equal(averaged["encoder.rotation_head.weight"], live[2]["encoder.rotation_head.weight"])
+
+
+def test_the_moving_average_is_shipped_leaves_training_alone_and_resumes_exactly(particles, tmp_path):
+    """weights.pt (and so latents.npy and `cryofire infer`) holds the average; the live weights train exactly as
+    without it; a run killed after its first epoch resumes to the same average."""
+    config = small_config(epochs=3, ema_decay=0.9)
+    uninterrupted = train(particles, tmp_path / "full", config)
+    plain = train(particles, tmp_path / "plain", replace(config, ema_decay=0.0))
+    live, shipped = load_checkpoint(uninterrupted / "checkpoint.pt"), load_checkpoint(uninterrupted / "weights.pt")
+    assert all(torch.equal(v, load_checkpoint(plain / "checkpoint.pt")["model"][k]) for k, v in live["model"].items())
+    assert all(torch.equal(v, live["averaged"][f"module.{k}"]) for k, v in shipped["model"].items())
+    assert not torch.equal(shipped["model"]["encoder.rotation_head.weight"],
+                           live["model"]["encoder.rotation_head.weight"])
+    inferred = infer(uninterrupted, particles, tmp_path / "infer", device="cpu")
+    assert np.allclose(np.load(inferred / "latents.npy"), np.load(uninterrupted / "latents.npy"), atol=1e-5)
+    partial = Trainer(particles, tmp_path / "resumed", replace(config))
+    partial.config.epochs = 1
+    partial.fit()
+    resumed = train(particles, tmp_path / "resumed", config, resume=True)
+    b = load_checkpoint(resumed / "weights.pt")["model"]
+    assert all(torch.equal(v, b[k]) for k, v in shipped["model"].items())
+
+
 def test_a_checkpoint_older_than_an_option_resumes_when_the_option_is_at_its_default(particles, tmp_path):
     config = small_config(epochs=2)
     partial = Trainer(particles, tmp_path / "run", replace(config, epochs=1))

@@ -39,6 +39,10 @@ class TrainConfig:
         num_workers: DataLoader worker processes reading images ahead (0 reads in the main process).
         mixed_precision: bf16 autocast on CUDA (ignored on the CPU).
         grad_clip: clip the gradient norm to this value (0 = off).
+        ema_decay: keep an exponential moving average of the weights, updated after every step with this decay
+            (0.99: about the last 100 steps); it is what the epochs' evaluations, the final predictions and
+            weights.pt (so `cryofire infer` and the volumes) use, while training goes on with the live weights
+            (0 = off: the last step's weights).
         log_every_steps: steps between lines of log.jsonl.
         search_fraction: ab initio only: fraction of the planned images during which a teacher (``teacher``)
             gives the decoder its poses and the encoder its targets (0 = pure amortized training, as in cryoFIRE;
@@ -77,6 +81,7 @@ class TrainConfig:
     num_workers: int = 0
     mixed_precision: bool = True
     grad_clip: float = 0.0
+    ema_decay: float = 0.0
     log_every_steps: int = 50
     search_fraction: float = 0.0
     teacher: str = "em"
@@ -97,6 +102,7 @@ class TrainConfig:
             "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "learning_rate": self.learning_rate > 0,
             "poses": self.poses in POSE_MODES, "val_fraction": 0.0 <= self.val_fraction <= 0.5,
             "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "log_every_steps": self.log_every_steps >= 1, "search_fraction": 0.0 <= self.search_fraction <= 1.0,
             "teacher": self.teacher in ("em", "search"), "em_iterations": self.em_iterations >= 1,
             "em_starts": self.em_starts >= 1, "em_classes": self.em_classes >= 1,

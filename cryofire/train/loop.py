@@ -2,7 +2,7 @@
 
 setup (run folder, seed, device) -> data (particle table, train/validation split, loaders) -> model and optimizer
 -> resume from the last checkpoint if asked -> epochs of steps (progress bar, JSON-lines log, atomic checkpoint every
-epoch) -> final outputs (poses.star, latents.npy, weights.pt).
+epoch) -> final outputs (poses.star, latents.npy, weights.pt; from a moving average of the weights with `ema_decay`).
 
 Schedules are counted in images seen. Shuffling depends only on (seed, epoch) and the random-number state is saved
 in each checkpoint, so a run killed at any moment and resumed with `--resume` ends with the same weights as an
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cryofire.errors import ConfigError, CryofireError
@@ -111,6 +112,8 @@ class Trainer:
         self.model = CryoFireModel(model_config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
+        self.averaged = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+                         if config.ema_decay else None)
         self.forward_model = self.model
         if self.launch.distributed:
             self.forward_model = self.wrap_data_parallel()
@@ -150,6 +153,11 @@ class Trainer:
             torch.manual_seed(process_seed(self.config.seed, self.launch.rank))
         return wrapped
 
+    @property
+    def shipped_model(self) -> CryoFireModel:
+        """The weights the run's results come from: the moving average with ``ema_decay``, else the live ones."""
+        return self.model if self.averaged is None else self.averaged.module
+
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def state(self) -> dict:
         """The checkpoint's contents; with several processes it also holds each one's random-number state (all
@@ -159,6 +167,7 @@ class Trainer:
             "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
             "epoch": self.epoch, "images_seen": self.images_seen, "rng": torch.get_rng_state(),
             "teacher": self.teacher.state() if self.teacher else {},
+            "averaged": self.averaged.state_dict() if self.averaged else {},
         }
         if self.launch.distributed:
             state["rank_rng"] = gather_objects(state["rng"], self.launch)
@@ -173,6 +182,8 @@ class Trainer:
         self.check_same_run(state, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state["averaged"])
         self.epoch, self.images_seen = state["epoch"], state["images_seen"]
         torch.set_rng_state(state["rng"].cpu())
         if self.launch.distributed:
@@ -262,6 +273,8 @@ class Trainer:
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
         return float(reported)
 
     def search_targets(self, batch: dict) -> dict[str, torch.Tensor] | None:
@@ -303,12 +316,12 @@ class Trainer:
         """Validation loss, mask radius, and (simulated data, ab initio) rotation error of a training subset."""
         result = {"radius_px": self.radius_px()}
         if self.val_set is not None:
-            val = predict_dataset(self.model, self.val_set, self.images_seen, self.device, self.config)
+            val = predict_dataset(self.shipped_model, self.val_set, self.images_seen, self.device, self.config)
             result["val_loss"] = float(val["per_image_loss"].mean())
         if self.config.poses == "abinit" and has_poses(self.table):
             rows = self.train_set.rows[:: max(1, len(self.train_set) // 1000)]
-            monitor = predict_dataset(self.model, ParticleImages(self.table, rows), self.images_seen, self.device,
-                                      self.config)
+            monitor = predict_dataset(self.shipped_model, ParticleImages(self.table, rows), self.images_seen,
+                                      self.device, self.config)
             result.update(rotation_error_summary(monitor, self.train_set.poses))
         return result
 
@@ -330,7 +343,7 @@ class Trainer:
         if not self.launch.is_main:
             return
         everything = ParticleImages(self.table)
-        predictions = predict_dataset(self.model, everything, self.images_seen, self.device, self.config)
+        predictions = predict_dataset(self.shipped_model, everything, self.images_seen, self.device, self.config)
         classes = encoder_classes(self.config, predictions["z"])
         if self.teacher is not None and self.config.search_fraction >= 1.0:
             # The decoder was fitted at the teacher's poses all along: those are the training images' poses.
@@ -343,7 +356,7 @@ class Trainer:
         if classes is not None:
             predictions["classes"] = classes
         save_predictions(self.run_dir, self.table, predictions)
-        weights = {"model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
+        weights = {"model": self.shipped_model.state_dict(), "model_config": self.model.config.to_dict(),
                    "train_config": self.config.to_dict(), "images_seen": self.images_seen, "data": self.data_info}
         save_checkpoint(self.run_dir / "weights.pt", weights)
 
