@@ -11,7 +11,8 @@
 #      from the teacher's class maps added to every step (`simulated_batch_size`), their noise rising from 0.1 of the
 #      data's over NOISE_RAMP of the run (default 0.3), and an encoder of ENCODER_CHANNELS doubling to
 #      ENCODER_MAX_CHANNELS (default 8 -> 64, the narrow encoder: thirteenth session), in-plane canonical unless
-#      CANONICAL=false (fourteenth session): OUT/acc32s<seed>.*.
+#      CANONICAL=false (fourteenth session), the results from a moving average of the weights with decay EMA_DECAY
+#      (default 0.995, fifteenth session; the D=64 job too): OUT/acc32s<seed>.*.
 #   C. bench/encoder_synthetic.py on CUDA for MINUTES (unlimited images from the true-pose maps of the seed-1 set,
 #      batch 512, the same encoder, ENCODER_FLAGS, default a cosine-decaying learning rate and the noise rising from
 #      0.1 of the data's over the first 300,000 images): OUT/encoder.log.
@@ -38,6 +39,7 @@ channels=${ENCODER_CHANNELS:-8}
 max_channels=${ENCODER_MAX_CHANNELS:-64}
 canonical=${CANONICAL:-true}
 noise_ramp=${NOISE_RAMP:-0.3}
+ema_decay=${EMA_DECAY:-0.995}
 encoder_json="{\"channels\": $channels, \"max_channels\": $max_channels, \"inplane_canonical\": $canonical}"
 model32="{\"encoder_channels\": $channels, \"encoder_max_channels\": $max_channels,"
 model32+=" \"encoder_inplane_canonical\": $canonical}"  # ModelConfig; encoder_json: EncoderConfig
@@ -58,8 +60,8 @@ python3 -c "import torch; print('torch', torch.__version__, 'threads', torch.get
 left() { echo $(( deadline - ($(date +%s) - started) )); }
 work=/tmp/cryofire_abinit
 options() {  # simulated_batch_size
-    printf '{"learning_rate": 1e-3, "search_fraction": 1.0, "teacher": "em", "device": "%s", "num_workers": 3, "em_iterations": %d, "em_starts": %d, "simulated_batch_size": %d, "simulated_noise_ramp": %s}' \
-        "$device" "$em_iterations" "$em_starts" "$1" "$noise_ramp"
+    printf '{"learning_rate": 1e-3, "search_fraction": 1.0, "teacher": "em", "device": "%s", "num_workers": 3, "em_iterations": %d, "em_starts": %d, "simulated_batch_size": %d, "simulated_noise_ramp": %s, "ema_decay": %s}' \
+        "$device" "$em_iterations" "$em_starts" "$1" "$noise_ramp" "$ema_decay"
 }
 # Data as accuracy.py prepares it (simulated at twice the box on the CPU, then Fourier-cropped).
 prepare() {  # box n_train seed folder
