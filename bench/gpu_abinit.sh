@@ -11,8 +11,9 @@
 #      from the teacher's class maps added to every step (`simulated_batch_size`), their noise rising from 0.1 of the
 #      data's over NOISE_RAMP of the run (default 0.3), and an encoder of ENCODER_CHANNELS doubling to
 #      ENCODER_MAX_CHANNELS (default 8 -> 64, the narrow encoder: thirteenth session), in-plane canonical unless
-#      CANONICAL=false (fourteenth session), the results from a moving average of the weights with decay EMA_DECAY
-#      (default 0.995, fifteenth session; the D=64 job too): OUT/acc32s<seed>.*.
+#      CANONICAL=false (fourteenth session), re-centring each image by its first pass's shift unless RECENTRE=false,
+#      the results from a moving average of the weights with decay EMA_DECAY (default 0.995; the D=64 job too;
+#      both fifteenth session): OUT/acc32s<seed>.*.
 #   C. bench/encoder_synthetic.py on CUDA for MINUTES (unlimited images from the true-pose maps of the seed-1 set,
 #      batch 512, the same encoder, ENCODER_FLAGS, default a cosine-decaying learning rate and the noise rising from
 #      0.1 of the data's over the first 300,000 images): OUT/encoder.log.
@@ -38,11 +39,13 @@ encoder_flags=${ENCODER_FLAGS:---cosine --clean-start 0.1 300000}
 channels=${ENCODER_CHANNELS:-8}
 max_channels=${ENCODER_MAX_CHANNELS:-64}
 canonical=${CANONICAL:-true}
+recentre=${RECENTRE:-true}
 noise_ramp=${NOISE_RAMP:-0.3}
 ema_decay=${EMA_DECAY:-0.995}
-encoder_json="{\"channels\": $channels, \"max_channels\": $max_channels, \"inplane_canonical\": $canonical}"
+encoder_json="{\"channels\": $channels, \"max_channels\": $max_channels, \"inplane_canonical\": $canonical,"
+encoder_json+=" \"recentre\": $recentre}"
 model32="{\"encoder_channels\": $channels, \"encoder_max_channels\": $max_channels,"
-model32+=" \"encoder_inplane_canonical\": $canonical}"  # ModelConfig; encoder_json: EncoderConfig
+model32+=" \"encoder_inplane_canonical\": $canonical, \"encoder_recentre\": $recentre}"  # ModelConfig
 em_iterations=${EM_ITERATIONS:-700}  # the EM teacher's defaults (TrainConfig, EMConfig)
 em_starts=${EM_STARTS:-4}
 deadline=${DEADLINE_S:-550}          # seconds from the start until every job is stopped

@@ -1,6 +1,6 @@
 """ImageEncoder: stage count from the box, output shapes, proper rotations, bounded shifts and
-log-variances, the identity start used by pose refinement, and the in-plane canonical option (axis angle of an
-elongated blob; predictions that turn with the image)."""
+log-variances, the identity start used by pose refinement, the in-plane canonical option (axis angle of an
+elongated blob; predictions that turn with the image) and the re-centring option."""
 
 from __future__ import annotations
 
@@ -117,3 +117,28 @@ def test_inplane_canonical_encoder_turns_its_predictions_with_the_image() -> Non
 def test_inplane_canonical_refuses_pose_refinement() -> None:
     with pytest.raises(ConfigError, match="encoder_inplane_canonical"):
         ModelConfig(box_size=32, pose_mode="refine", encoder_inplane_canonical=True)
+
+
+def test_recentring_encoder_reads_the_image_moved_by_its_first_shift() -> None:
+    """With a constant shift head (c px) the second pass reads the image moved by c (a whole-pixel move is a
+    circular roll) and the shift is c + c: the prediction is the plain encoder's on the moved image."""
+    encoder = ImageEncoder(32, small_config(zdim=3, recentre=True)).eval()
+    plain = ImageEncoder(32, small_config(zdim=3)).eval()
+    c = torch.tensor([2.0, -1.0])  # x, y px
+    with torch.no_grad():
+        encoder.shift_head.weight.zero_()
+        encoder.shift_head.bias.copy_(torch.atanh(c / encoder.config.max_shift_px))
+    plain.load_state_dict(encoder.state_dict())
+    images = _smooth_windowed_images(4, 32, seed=5)
+    moved = torch.roll(images, shifts=(-1, 2), dims=(-2, -1))  # rows by y, columns by x
+    with torch.no_grad():
+        out, reference, unmoved = encoder(images), plain(moved), plain(images)
+    assert torch.allclose(out.rotations, reference.rotations, atol=1e-4)
+    assert torch.allclose(out.z_mean, reference.z_mean, atol=1e-4)
+    assert torch.allclose(out.shifts_px, 2 * c.expand(4, 1, 2), atol=1e-5)
+    assert not torch.allclose(out.rotations, unmoved.rotations, atol=1e-3)  # the move matters
+
+
+def test_recentring_needs_one_pose_head() -> None:
+    with pytest.raises(ConfigError, match="single pose head"):
+        EncoderConfig(recentre=True, num_pose_heads=2)

@@ -40,6 +40,8 @@ class ModelConfig:
         encoder_inplane_canonical: the encoder turns each image to the axis of its low-resolution second moment
             and turns its predicted pose and shift back, so in-plane turns need not be learned (ab initio;
             not with pose_mode refine).
+        encoder_recentre: the encoder reads each image twice, the second time re-centred by the shift it found
+            the first time (twice the encoder's work; one pose head only).
         decoder_width: hidden width of the hypervolume's residual MLP.
         decoder_depth: residual blocks of the hypervolume.
         num_fourier_features: random Fourier feature vectors of the positional encoding.
@@ -75,6 +77,7 @@ class ModelConfig:
     encoder_max_channels: int = 256
     encoder_hidden_dim: int = 256
     encoder_inplane_canonical: bool = False
+    encoder_recentre: bool = False
     decoder_width: int = 256
     decoder_depth: int = 3
     num_fourier_features: int = 64
@@ -130,6 +133,7 @@ class ModelConfig:
             max_channels=self.encoder_max_channels,
             hidden_dim=self.encoder_hidden_dim,
             inplane_canonical=self.encoder_inplane_canonical,
+            recentre=self.encoder_recentre,
             max_shift_px=self.max_shift_fraction * self.box_size,
         )
 

@@ -16,6 +16,10 @@ turned back by the same angle. The axis has no direction, so the CNN sees each v
 turn of the input turns the predictions with it as long as the axis angle stays in (-90, 90] degrees. Measured in
 bench/RESULTS.md (fourteenth session).
 
+With ``recentre`` the image is encoded twice with the same weights: the first pass's shift re-centres it (a phase
+ramp), and the second pass gives the pose, the conformation and the shift left over, added to the first. The CNN then
+sees nearly centred particles, which it reads far better than shifted ones (bench/RESULTS.md, fifteenth session).
+
 Heads, for each of ``num_pose_heads`` hypotheses (winner-takes-all, METHOD.md section 7):
 rotation (6 numbers -> S2S2 Gram-Schmidt -> RELION matrix) and shift (2 numbers ->
 ``max_shift_px * tanh``, bounded, in pixels, the RELION-origin sign: it re-centres the image).
@@ -33,7 +37,7 @@ from torch import nn
 
 from cryofire.errors import ConfigError
 from cryofire.physics import (circular_mask, fft2_centered, frequency_grid_2d, ifft2_centered, inplane_rotation_matrix,
-                              rotate_images, s2s2_to_matrix)
+                              phase_shift_2d, rotate_images, s2s2_to_matrix)
 
 LOGVAR_BOUND = 8.0
 FINAL_MAP_PX = 4
@@ -54,6 +58,8 @@ class EncoderConfig:
         max_shift_px: bound on the predicted shifts, in pixels of the input box.
         inplane_canonical: turn each image to the axis of its low-resolution second moment before the CNN and
             turn the predicted poses and shifts back (in-plane equivariance).
+        recentre: encode twice, the second time the image re-centred by the first pass's shift; the shift is the
+            sum of the two passes' (so up to twice ``max_shift_px``). One pose head only.
     """
 
     zdim: int = 8
@@ -64,12 +70,15 @@ class EncoderConfig:
     hidden_dim: int = 256
     max_shift_px: float = 3.0
     inplane_canonical: bool = False
+    recentre: bool = False
 
     def __post_init__(self) -> None:
         if self.zdim < 0 or self.num_pose_heads < 1 or self.max_shift_px < 0:
             raise ConfigError("need zdim >= 0, num_pose_heads >= 1 and max_shift_px >= 0")
         if min(self.channels, self.max_channels, self.hidden_dim) < 1:
             raise ConfigError("channels, max_channels and hidden_dim must be positive")
+        if self.recentre and self.num_pose_heads > 1:
+            raise ConfigError("recentre needs a single pose head (one shift to re-centre each image by)")
 
 
 @dataclass
@@ -183,6 +192,18 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         """Encode images (B, D, D); see :class:`EncoderOutput` for the shapes."""
+        out = self._encode_turned(images)
+        if not self.config.recentre:
+            return out
+        first_shift = out.shifts_px[:, 0]  # (B, 2); the sum below trains it, the re-centring does not
+        with torch.autocast(images.device.type, enabled=False):
+            spectra = phase_shift_2d(fft2_centered(images.float()), first_shift.detach())
+            recentred = ifft2_centered(spectra).real.to(images.dtype)
+        second = self._encode_turned(recentred)
+        return EncoderOutput(second.rotations, first_shift[:, None] + second.shifts_px, second.z_mean, second.z_logvar)
+
+    def _encode_turned(self, images: torch.Tensor) -> EncoderOutput:
+        """One pass: the CNN and heads, on the in-plane canonical images with ``inplane_canonical``."""
         if not self.config.inplane_canonical:
             return self._encode(images)
         with torch.autocast(images.device.type, enabled=False):  # an angle, not a feature: full precision
