@@ -41,11 +41,6 @@ def batch_physics(rows: pd.DataFrame, size: int, device: torch.device) -> tuple[
     return rotations, origin_px, ctf_args
 
 
-def recenter(images: torch.Tensor, origin_px: torch.Tensor) -> torch.Tensor:
-    """Move each particle from (centre - origin) to the box centre (B, D, D)."""
-    return physics.ifft2_centered(physics.phase_shift_2d(physics.fft2_centered(images), origin_px)).real
-
-
 def backproject_dataset(
     particles_path: str | Path,
     out_path: str | Path,
@@ -74,7 +69,7 @@ def backproject_dataset(
         for indices, images in source.iter_batches(batch_size):
             rows = table.iloc[indices]
             rotations, origin_px, ctf_args = batch_physics(rows, source.image_size, torch_device)
-            pixels = recenter(torch.from_numpy(images).to(torch_device), origin_px)
+            pixels = physics.shift_images(torch.from_numpy(images).to(torch_device), origin_px)
             ctf = inserters[0].ctf_at_pixels(**ctf_args)
             for parity, inserter in enumerate(inserters):
                 pick = torch.from_numpy(np.flatnonzero(indices % 2 == parity)).to(torch_device)

@@ -30,14 +30,14 @@ Conformation: z mean, and for a variational encoder a log-variance bounded to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from cryofire.errors import ConfigError
 from cryofire.physics import (circular_mask, fft2_centered, frequency_grid_2d, ifft2_centered, inplane_rotation_matrix,
-                              phase_shift_2d, rotate_images, s2s2_to_matrix)
+                              rotate_images, s2s2_to_matrix, shift_images)
 
 LOGVAR_BOUND = 8.0
 FINAL_MAP_PX = 4
@@ -197,10 +197,9 @@ class ImageEncoder(nn.Module):
             return out
         first_shift = out.shifts_px[:, 0]  # (B, 2); the sum below trains it, the re-centring does not
         with torch.autocast(images.device.type, enabled=False):
-            spectra = phase_shift_2d(fft2_centered(images.float()), first_shift.detach())
-            recentred = ifft2_centered(spectra).real.to(images.dtype)
+            recentred = shift_images(images.float(), first_shift.detach()).to(images.dtype)
         second = self._encode_turned(recentred)
-        return EncoderOutput(second.rotations, first_shift[:, None] + second.shifts_px, second.z_mean, second.z_logvar)
+        return replace(second, shifts_px=first_shift[:, None] + second.shifts_px)
 
     def _encode_turned(self, images: torch.Tensor) -> EncoderOutput:
         """One pass: the CNN and heads, on the in-plane canonical images with ``inplane_canonical``."""

@@ -67,4 +67,5 @@ from cryofire.physics.rotations import (
 from cryofire.physics.shifts import (
     hartley_shift_2d as hartley_shift_2d,
     phase_shift_2d as phase_shift_2d,
+    shift_images as shift_images,
 )

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from cryofire.physics.fft import fft2_centered, ifft2_centered
 from cryofire.physics.lattice import frequency_grid_2d
 
 
@@ -31,6 +32,12 @@ def phase_shift_2d(images_ft: torch.Tensor, shift_px: torch.Tensor) -> torch.Ten
     shift_px = shift_px.to(device=images_ft.device, dtype=images_ft.real.dtype)
     phase = _shift_phase(images_ft.shape, shift_px)
     return images_ft * torch.polar(torch.ones_like(phase), -phase)
+
+
+def shift_images(images: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
+    """Real-space images (..., D, D) moved by ``shift_px`` (..., 2) pixels (:func:`phase_shift_2d`); a particle at
+    ``-shift_px`` from the box centre ends up centred."""
+    return ifft2_centered(phase_shift_2d(fft2_centered(images), shift_px)).real
 
 
 def _negated_frequencies(images_ht: torch.Tensor) -> torch.Tensor:

@@ -195,9 +195,7 @@ class ImageModel:
             for state in np.unique(states):
                 pick = torch.from_numpy(np.flatnonzero(states == state))
                 projected = physics.project_volume(self.volumes[state].double(), rotations[pick])
-                images[pick] = physics.ifft2_centered(
-                    physics.phase_shift_2d(physics.fft2_centered(projected), shift_px[pick])
-                ).real
+                images[pick] = physics.shift_images(projected, shift_px[pick])
             return images
         # float32 is ample here (positions within +-D px, images written as float32) and twice as fast.
         atoms = torch.from_numpy(conformations(self.phantom, rows["hinge_deg"].to_numpy())).float()
