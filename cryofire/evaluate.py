@@ -3,6 +3,8 @@
 Ab initio poses are defined up to a global rotation of the map and up to its hand, so rotation errors are
 measured after the best global alignment, trying both hands: predicted poses `P_i` are compared with the true
 `A_i` as `H P_i H Q` with `H = diag(1, 1, -1)` (mirror hand) or `H = I`, and one rotation `Q` for all images.
+Likewise its origin: a map whose particle sits at `t` (Å) from the box centre moves every origin by `-(P_i t)_xy`, so
+shift errors are also given after removing the best such `t` (:func:`fit_map_offset`).
 """
 
 from __future__ import annotations
@@ -80,17 +82,44 @@ def align_poses(pred: np.ndarray, true: np.ndarray, hands: tuple[bool, ...] = (F
     return best[1]
 
 
+def fit_map_offset(rotations: np.ndarray, origin_differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The map's global offset that best explains predicted-minus-true origins, and what it leaves.
+
+    A map translated by ``t`` (its particle at ``t`` from the box centre, in the map's own frame) projects at pose
+    ``P`` to an image translated by ``(P t)_xy`` (Fourier slice theorem, RELION convention), so every origin moves by
+    ``-(P t)_xy``. ``t`` is fitted by least squares over the inliers (residual within twice the median), five rounds.
+
+    Args:
+        rotations: (N, 3, 3) predicted RELION pose matrices (the frame the offset is expressed in).
+        origin_differences: (N, 2) predicted minus true origins (x, y), any length unit.
+
+    Returns:
+        The offset ``t`` (3,) and the residual origin differences (N, 2), in the unit of ``origin_differences``.
+    """
+    design = -rotations[:, :2, :]  # (N, 2, 3): origin change per unit of offset
+    inliers = np.ones(len(rotations), dtype=bool)
+    for _ in range(5):
+        offset = np.linalg.lstsq(design[inliers].reshape(-1, 3), origin_differences[inliers].reshape(-1), rcond=None)[0]
+        residuals = origin_differences - design @ offset
+        distances = np.linalg.norm(residuals, axis=1)
+        inliers = distances <= 2.0 * np.median(distances)
+    return offset, residuals
+
+
 def pose_metrics(pred_table: pd.DataFrame, true_table: pd.DataFrame) -> dict:
-    """Rotation (degrees, after alignment) and shift (pixels of the true table) errors of matching rows."""
+    """Rotation (degrees, after alignment) and shift (pixels of the true table; as given, and after removing the map's
+    global offset, ``map_offset_angstrom``) errors of matching rows."""
     pred, true = poses_from_table(pred_table), poses_from_table(true_table)
     alignment = align_poses(pred, true)
     errors = rotation_errors_deg(alignment.apply(pred), true)
     # Compared in Å, reported in pixels of the true dataset: the two tables may differ in pixel size
     # (predictions on a downsampled stack against the full-size truth).
     columns = ["rlnOriginXAngst", "rlnOriginYAngst"]
-    shift_errors_angstrom = np.linalg.norm(
-        pred_table[columns].to_numpy(np.float64) - true_table[columns].to_numpy(np.float64), axis=1)
-    shift_errors = shift_errors_angstrom / true_table["rlnImagePixelSize"].to_numpy(np.float64)
+    differences = pred_table[columns].to_numpy(np.float64) - true_table[columns].to_numpy(np.float64)
+    true_pixel_size = true_table["rlnImagePixelSize"].to_numpy(np.float64)
+    shift_errors = np.linalg.norm(differences, axis=1) / true_pixel_size
+    offset, residuals = fit_map_offset(pred, differences)
+    aligned_shift_errors = np.linalg.norm(residuals, axis=1) / true_pixel_size
     return {
         "rotation_error_median_deg": float(np.median(errors)),
         "rotation_error_mean_deg": float(np.mean(errors)),
@@ -99,6 +128,8 @@ def pose_metrics(pred_table: pd.DataFrame, true_table: pd.DataFrame) -> dict:
         "global_rotation": alignment.rotation.tolist(),
         "shift_error_median_px": float(np.median(shift_errors)),
         "shift_error_mean_px": float(np.mean(shift_errors)),
+        "shift_error_aligned_median_px": float(np.median(aligned_shift_errors)),
+        "map_offset_angstrom": offset.tolist(),
         "n_images": int(len(errors)),
     }
 

@@ -98,6 +98,32 @@ def test_shift_error_compares_angstroms_across_pixel_sizes(true_poses):
     assert off["shift_error_median_px"] == pytest.approx(5.0)
 
 
+def test_a_map_offset_is_found_and_removed_from_the_shift_errors(true_poses, global_rotation):
+    """Poses of a map in another frame whose particle sits at t from the box centre: every origin moves by
+    -(P t)_xy (a blob at t projects to (P t)_xy: tests/test_projection.py); 10 % of the images are outliers."""
+    rng = np.random.default_rng(3)
+    pred = true_poses @ global_rotation.T  # the predicted map's frame
+    offset_px = np.array([1.5, -2.0, 2.5])
+    true_origins = rng.normal(0.0, 3.0, (N, 2))
+    noise = rng.normal(0.0, 0.1, (N, 2))
+    pred_origins = true_origins - (pred @ offset_px)[:, :2] + noise
+    outliers = rng.choice(N, N // 10, replace=False)
+    pred_origins[outliers] = rng.normal(0.0, 3.0, (N // 10, 2))
+    metrics = pose_metrics(_table(pred, pred_origins), _table(true_poses, true_origins))
+    np.testing.assert_allclose(metrics["map_offset_angstrom"], offset_px * PIXEL_SIZE, atol=0.02 * PIXEL_SIZE)
+    assert metrics["shift_error_median_px"] > 2.0  # as given: dominated by the offset
+    rayleigh_median = 1.1774 * 0.1  # |noise| of the 90 % inliers; the outliers push the median up a little
+    assert rayleigh_median < metrics["shift_error_aligned_median_px"] < 1.3 * rayleigh_median
+
+
+def test_without_an_offset_the_aligned_shift_error_is_the_shift_error(true_poses):
+    true_origins = np.random.default_rng(2).normal(0.0, 3.0, (N, 2))
+    noise = np.random.default_rng(4).normal(0.0, 0.5, (N, 2))
+    metrics = pose_metrics(_table(true_poses, true_origins + noise), _table(true_poses, true_origins))
+    assert np.linalg.norm(metrics["map_offset_angstrom"]) < 0.05 * PIXEL_SIZE
+    assert metrics["shift_error_aligned_median_px"] == pytest.approx(metrics["shift_error_median_px"], rel=0.05)
+
+
 def test_confusion_is_zero_for_permuted_labels():
     true = np.repeat([1, 2, 3], [50, 30, 20])
     pred = np.array([7, 4, 9])[true - 1]  # other names, same partition

@@ -21,6 +21,7 @@ METRIC_LABELS = {
     "rotation_error_p90_deg": ("rotation error, 90th percentile", "°", 1.0),
     "shift_error_median_px": ("shift error, median", "px", 1.0),
     "shift_error_mean_px": ("shift error, mean", "px", 1.0),
+    "shift_error_aligned_median_px": ("shift error, median (after removing the map's global offset)", "px", 1.0),
     "mirrored_hand": ("map hand mirrored relative to the truth", "", 1.0),
     "n_images": ("images compared", "images", 1.0),
     "confusion_rate": ("class confusion (particles misassigned)", "%", 100.0),

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryofire.evaluate import align_poses, rotation_errors_deg
+from cryofire.evaluate import align_poses, fit_map_offset, rotation_errors_deg
 from cryofire.model import CryoFireModel
 from cryofire.train.data import ParticleImages, make_loader
 from cryofire.train.outputs import save_npy, write_poses_star
@@ -43,7 +43,8 @@ def predict_dataset(
 def rotation_error_summary(
     predictions: dict[str, np.ndarray], true_poses: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, float]:
-    """Median rotation error (deg, after global alignment and hand choice) and median shift error (px).
+    """Median rotation error (deg, after global alignment and hand choice) and median shift error (px; as given, and
+    after removing the map's global offset: :func:`cryofire.evaluate.fit_map_offset`).
 
     `true_poses` are the (N, 3, 3) matrices and (N, 2) origins in pixels of the whole table.
     """
@@ -51,8 +52,11 @@ def rotation_error_summary(
     pred = predictions["rotations"].astype(np.float64)
     truth = true_poses[0].numpy().astype(np.float64)[rows]
     errors = rotation_errors_deg(align_poses(pred, truth).apply(pred), truth)
-    shift_errors = np.linalg.norm(predictions["shifts_px"] - true_poses[1].numpy()[rows], axis=1)
-    return {"rotation_error_median_deg": float(np.median(errors)), "shift_error_median_px": float(np.median(shift_errors))}
+    differences = predictions["shifts_px"] - true_poses[1].numpy()[rows]
+    aligned = fit_map_offset(pred, differences)[1]
+    return {"rotation_error_median_deg": float(np.median(errors)),
+            "shift_error_median_px": float(np.median(np.linalg.norm(differences, axis=1))),
+            "shift_error_aligned_median_px": float(np.median(np.linalg.norm(aligned, axis=1)))}
 
 
 def encoder_classes(config, z: np.ndarray) -> np.ndarray | None:
