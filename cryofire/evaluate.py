@@ -83,7 +83,7 @@ def align_poses(pred: np.ndarray, true: np.ndarray, hands: tuple[bool, ...] = (F
 
 
 def fit_map_offset(rotations: np.ndarray, origin_differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The map's global offset that best explains predicted-minus-true origins, and what it leaves.
+    """The map's global offset that best explains predicted-minus-true origins, and the shift errors it leaves.
 
     A map translated by ``t`` (its particle at ``t`` from the box centre, in the map's own frame) projects at pose
     ``P`` to an image translated by ``(P t)_xy`` (Fourier slice theorem, RELION convention), so every origin moves by
@@ -94,16 +94,16 @@ def fit_map_offset(rotations: np.ndarray, origin_differences: np.ndarray) -> tup
         origin_differences: (N, 2) predicted minus true origins (x, y), any length unit.
 
     Returns:
-        The offset ``t`` (3,) and the residual origin differences (N, 2), in the unit of ``origin_differences``.
+        The offset ``t`` (3,) and the length of each residual origin difference (N,), in the unit of
+        ``origin_differences``.
     """
     design = -rotations[:, :2, :]  # (N, 2, 3): origin change per unit of offset
     inliers = np.ones(len(rotations), dtype=bool)
     for _ in range(5):
         offset = np.linalg.lstsq(design[inliers].reshape(-1, 3), origin_differences[inliers].reshape(-1), rcond=None)[0]
-        residuals = origin_differences - design @ offset
-        distances = np.linalg.norm(residuals, axis=1)
+        distances = np.linalg.norm(origin_differences - design @ offset, axis=1)
         inliers = distances <= 2.0 * np.median(distances)
-    return offset, residuals
+    return offset, distances
 
 
 def pose_metrics(pred_table: pd.DataFrame, true_table: pd.DataFrame) -> dict:
@@ -118,8 +118,8 @@ def pose_metrics(pred_table: pd.DataFrame, true_table: pd.DataFrame) -> dict:
     differences = pred_table[columns].to_numpy(np.float64) - true_table[columns].to_numpy(np.float64)
     true_pixel_size = true_table["rlnImagePixelSize"].to_numpy(np.float64)
     shift_errors = np.linalg.norm(differences, axis=1) / true_pixel_size
-    offset, residuals = fit_map_offset(pred, differences)
-    aligned_shift_errors = np.linalg.norm(residuals, axis=1) / true_pixel_size
+    offset, aligned_distances = fit_map_offset(pred, differences)
+    aligned_shift_errors = aligned_distances / true_pixel_size
     return {
         "rotation_error_median_deg": float(np.median(errors)),
         "rotation_error_mean_deg": float(np.mean(errors)),

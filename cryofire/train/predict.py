@@ -53,10 +53,9 @@ def rotation_error_summary(
     truth = true_poses[0].numpy().astype(np.float64)[rows]
     errors = rotation_errors_deg(align_poses(pred, truth).apply(pred), truth)
     differences = predictions["shifts_px"] - true_poses[1].numpy()[rows]
-    aligned = fit_map_offset(pred, differences)[1]
     return {"rotation_error_median_deg": float(np.median(errors)),
             "shift_error_median_px": float(np.median(np.linalg.norm(differences, axis=1))),
-            "shift_error_aligned_median_px": float(np.median(np.linalg.norm(aligned, axis=1)))}
+            "shift_error_aligned_median_px": float(np.median(fit_map_offset(pred, differences)[1]))}
 
 
 def encoder_classes(config, z: np.ndarray) -> np.ndarray | None:
