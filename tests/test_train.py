@@ -16,6 +16,7 @@ from cryofire.train import TrainConfig, train
 from cryofire.errors import CryofireError
 from cryofire.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire.train.config import write_run_config
+from cryofire.train.data import ParticleImages, make_loader
 from cryofire.train.infer import infer
 from cryofire.train.loop import Trainer
 
@@ -62,6 +63,19 @@ def test_resume_after_interruption_gives_the_same_weights(particles, tmp_path):
     a = load_checkpoint(uninterrupted / "weights.pt")["model"]
     b = load_checkpoint(resumed / "weights.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_making_a_loader_leaves_the_global_random_stream_alone(particles):
+    """A loader draws its workers' base seed from a generator of its own: the teacher rebuilds its maps through a
+    loader at the first step after a resume, which must not move the stream the jitter and the pose-only latents
+    are drawn from (the resume tests with the em teacher pin the whole run)."""
+    dataset = ParticleImages(read_star(particles, allow_absolute_paths=True))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    for shuffle in (True, False):
+        next(iter(make_loader(dataset, 16, shuffle, 5, 2, 0, False)))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_the_moving_average_of_the_weights_follows_its_recursion(particles, tmp_path):

@@ -104,18 +104,21 @@ def make_loader(
     """A DataLoader whose shuffling depends only on (seed, epoch), so a resumed run sees the same batches.
 
     With `world_size` > 1 (data-parallel training, shuffled loaders only) process `rank` gets its `batch_size`
-    share of each global batch of the same seeded order (:class:`ShardedBatches`).
+    share of each global batch of the same seeded order (:class:`ShardedBatches`). The workers' base seed comes from
+    a generator of its own, not from the global random state, so making a loader (e.g. rebuilding the teacher's maps
+    after a resume) leaves the training's random stream where it was.
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    worker_seed = torch.Generator().manual_seed(seed * 100_003 + epoch)
     sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
     if world_size > 1:
         if not shuffle:
             raise ValueError("only shuffled (training) loaders are split over processes")
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=ShardedBatches(sampler, batch_size, rank, world_size), collate_fn=keep_batch,
-            num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+            num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, generator=worker_seed,
         )
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle, collate_fn=keep_batch,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, generator=worker_seed,
     )
