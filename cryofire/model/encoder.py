@@ -192,17 +192,18 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         """Encode images (B, D, D); see :class:`EncoderOutput` for the shapes."""
-        out = self._encode_turned(images)
+        out = self.encode_once(images)
         if not self.config.recentre:
             return out
         first_shift = out.shifts_px[:, 0]  # (B, 2); the sum below trains it, the re-centring does not
         with torch.autocast(images.device.type, enabled=False):
             recentred = shift_images(images.float(), first_shift.detach()).to(images.dtype)
-        second = self._encode_turned(recentred)
+        second = self.encode_once(recentred)
         return replace(second, shifts_px=first_shift[:, None] + second.shifts_px)
 
-    def _encode_turned(self, images: torch.Tensor) -> EncoderOutput:
-        """One pass: the CNN and heads, on the in-plane canonical images with ``inplane_canonical``."""
+    def encode_once(self, images: torch.Tensor) -> EncoderOutput:
+        """One pass, without re-centring: the CNN and heads, on the in-plane canonical images with
+        ``inplane_canonical``."""
         if not self.config.inplane_canonical:
             return self._encode(images)
         with torch.autocast(images.device.type, enabled=False):  # an angle, not a feature: full precision
