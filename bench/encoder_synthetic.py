@@ -14,8 +14,10 @@ rotation error and class accuracy of its predictions on 1,000 synthetic images a
 alignment needed: the maps are in the true frame). `--phase-flip` multiplies every input's spectrum by the sign of
 its CTF and `--lowpass-px` zeroes it beyond that radius. `--grid-bins G` adds a classification head over G random
 rotations to the pose branch (cross-entropy against soft labels exp(-d^2 / 2 sigma^2) of the geodesic distance d to
-each bin, `--grid-sigma-deg`) and also reports the error of its best bin. Results in bench/RESULTS.md ("Fourth
-session", "Eighth session", "Twelfth session").
+each bin, `--grid-sigma-deg`) and also reports the error of its best bin. `--jitter-px J` (a re-centring encoder,
+`--encoder '{"recentre": true}'`) trains its two passes apart: the first on the images, the second on the images
+re-centred by the true shift plus Gaussian jitter of J px per axis (better here, not end to end: eighteenth session).
+Results in bench/RESULTS.md ("Fourth session", "Eighth session", "Twelfth session" to "Eighteenth session").
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ import torch
 from abinit_em import load_spectra
 from cryofire.io import read_star
 from cryofire.model.em_init import EMConfig, StochasticEM
-from cryofire.model.encoder import EncoderConfig, ImageEncoder
+from cryofire.model.encoder import EncoderConfig, EncoderOutput, ImageEncoder
 from cryofire.model.map_images import MapImageSimulator, simulator_from_assignment
-from cryofire.physics import (fft2_centered, geodesic_distance_deg, ifft2_centered, random_rotations,
+from cryofire.physics import (fft2_centered, geodesic_distance_deg, ifft2_centered, random_rotations, shift_images,
                               soft_circular_window)
 from cryofire.physics.ctf import ctf_from_parameters
 from cryofire.physics.lattice import frequency_grid_2d
@@ -109,6 +111,18 @@ def scores(encoder: ImageEncoder, grid: GridHead | None, images: torch.Tensor, r
     return text + f" / {100 * (out.z_mean.argmax(1) == states).float().mean():.1f} %"
 
 
+def trained_passes(encoder: ImageEncoder, images: torch.Tensor, shifts_px: torch.Tensor, jitter_px: float
+                   ) -> list[tuple[EncoderOutput, torch.Tensor]]:
+    """(output, its shift (B, 2) px for the images as given) of each pass the loss trains: the encoder's; with
+    ``jitter_px`` its first pass on the images and its second on them re-centred by the true shifts plus jitter."""
+    if not jitter_px:
+        out = encoder(images)
+        return [(out, out.shifts_px[:, 0])]
+    moved_by = shifts_px + jitter_px * torch.randn_like(shifts_px)
+    first, second = encoder.encode_once(images), encoder.encode_once(shift_images(images, moved_by))
+    return [(first, first.shifts_px[:, 0]), (second, second.shifts_px[:, 0] + moved_by)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--star", default="/work/bench-data/acc32/prep/train.star")
@@ -125,6 +139,8 @@ def main() -> None:
     parser.add_argument("--cosine", action="store_true", help="learning rate 1e-3 decaying to 0 over --minutes")
     parser.add_argument("--clean-start", type=float, nargs=2, metavar=("SCALE", "IMAGES"), default=(1.0, 0),
                         help="noise amplitude SCALE x the data's at first, rising linearly to 1 over IMAGES images")
+    parser.add_argument("--jitter-px", type=float, default=0.0,
+                        help="train a re-centring encoder's passes apart, the second's input jittered by this (px)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -141,11 +157,11 @@ def main() -> None:
     while (elapsed := time.time() - started) < 60 * args.minutes:
         scale, ramp = args.clean_start
         drawn = simulator.draw(args.batch, generator, min(1.0, scale + (1 - scale) * args.batch * step / max(ramp, 1)))
-        out = encoder(prepare(drawn.images, drawn.ctf_parameters))
-        loss = ((out.rotations[:, 0] - drawn.rotations).square().sum((-2, -1)).mean()
-                + (out.shifts_px[:, 0] - drawn.shifts_px).square().sum(-1).mean() / 9
-                + torch.nn.functional.cross_entropy(out.z_mean, drawn.classes)
-                + (grid.loss(drawn.rotations) if grid else 0.0))
+        passes = trained_passes(encoder, prepare(drawn.images, drawn.ctf_parameters), drawn.shifts_px, args.jitter_px)
+        loss = sum((out.rotations[:, 0] - drawn.rotations).square().sum((-2, -1)).mean()
+                   + (shifts_px - drawn.shifts_px).square().sum(-1).mean() / 9
+                   + torch.nn.functional.cross_entropy(out.z_mean, drawn.classes) for out, shifts_px in passes)
+        loss = loss + (grid.loss(drawn.rotations) if grid else 0.0)
         optimiser.zero_grad()
         loss.backward()
         if args.cosine:

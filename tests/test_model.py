@@ -175,55 +175,6 @@ def test_class_targets_pull_the_first_latents_to_centred_one_hot_vectors() -> No
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.conformation_head.parameters())
 
 
-def test_passes_trained_apart_read_the_raw_and_the_target_centred_images() -> None:
-    """With ``encoder_recentre_jitter_px`` a teacher's targets train the first pass on the images as given and the
-    second on the images re-centred by the target shift plus jitter: a particle moved by whole pixels, its target shift
-    moved to match, gives the second pass the same input (same poses and latents, shifts moved by the roll); the first
-    pass ignores the targets."""
-    model = CryoFireModel(small_config(encoder_recentre=True, encoder_recentre_jitter_px=0.75, **NO_WINDOW)).eval()
-    rotations = physics.random_rotations(3, generator=torch.Generator().manual_seed(4))
-    targets = torch.tensor([[1.0, -2.0], [0.0, 0.5], [-1.5, 1.0]])
-    images = simulate(rotations, targets, make_ctf(3))
-    roll = torch.tensor([2.0, -1.0])  # (x, y) px: the particle moves by +roll, its re-centring shift by -roll
-    rolled = torch.roll(images, shifts=(-1, 2), dims=(-2, -1))
-    with torch.no_grad():
-        torch.manual_seed(0)
-        first, second = model._target_hypotheses(images, targets)
-        torch.manual_seed(0)
-        moved_first, moved_second = model._target_hypotheses(rolled, targets - roll)
-        torch.manual_seed(0)
-        other_first, _ = model._target_hypotheses(images, targets + 1.0)
-    assert second.rotations.shape == (3, 2, 3, 3) and second.mirrored.tolist() == [False, True]
-    assert torch.allclose(moved_second.rotations, second.rotations, atol=1e-4)
-    assert torch.allclose(moved_second.z_mean, second.z_mean, atol=1e-4)
-    assert torch.allclose(moved_second.shifts_px, second.shifts_px - roll, atol=1e-4)
-    assert not torch.allclose(moved_first.rotations, first.rotations, atol=1e-2)
-    assert torch.equal(other_first.rotations, first.rotations) and torch.equal(other_first.shifts_px, first.shifts_px)
-
-
-def test_passes_trained_apart_jitter_the_second_pass_by_the_asked_spread() -> None:
-    """The encoder's shift head starts at zero, so the second pass's shifts are the target shifts plus the jitter
-    (the same for an image and its mirror): Gaussian, mean 0, standard deviation ``encoder_recentre_jitter_px`` per
-    axis. Off (0), the targets train the encoder's chained hypotheses, as :meth:`CryoFireModel.encode` gives them."""
-    images, targets = torch.randn(4096, BOX, BOX), 2 * torch.randn(4096, 2)
-    model = CryoFireModel(small_config(encoder_recentre=True, encoder_recentre_jitter_px=0.75))
-    with torch.no_grad():
-        _, second = model._target_hypotheses(images, targets)
-    jitter = second.shifts_px - targets[:, None]  # (B, 2, 2): original and mirror hypotheses
-    assert torch.equal(jitter[:, 0], jitter[:, 1])
-    assert jitter[:, 0].mean(0).abs().max() < 0.04
-    assert jitter[:, 0].std(0).tolist() == pytest.approx([0.75, 0.75], rel=0.05)
-    chained = CryoFireModel(small_config(encoder_recentre=True))
-    with torch.no_grad():
-        (only,) = chained._target_hypotheses(images[:4] * chained.window, targets[:4])
-        expected = chained.encode(images[:4])
-    assert torch.equal(only.rotations, expected.rotations) and torch.equal(only.shifts_px, expected.shifts_px)
-    with pytest.raises(ConfigError, match="encoder_recentre_jitter_px"):
-        small_config(encoder_recentre_jitter_px=0.5)
-    with pytest.raises(ConfigError, match="encoder_recentre_jitter_px"):
-        small_config(encoder_recentre=True, encoder_recentre_jitter_px=-1.0)
-
-
 def test_encode_returns_one_hypothesis_per_head_and_path() -> None:
     model = CryoFireModel(small_config(num_pose_heads=3))
     hypotheses = model.encode(torch.randn(2, BOX, BOX))

@@ -42,11 +42,6 @@ class ModelConfig:
             not with pose_mode refine).
         encoder_recentre: the encoder reads each image twice, the second time re-centred by the shift it found
             the first time (twice the encoder's work; one pose head only).
-        encoder_recentre_jitter_px: with ``encoder_recentre`` and a teacher's pose targets, train the two passes
-            apart: the first on the raw images, the second on the images re-centred by the target shift plus
-            Gaussian jitter of this standard deviation (px per axis), each with the full target loss; inference
-            is unchanged (the first pass's shift re-centres the image for the second). 0: off (both passes trained
-            chained, as at inference).
         decoder_width: hidden width of the hypervolume's residual MLP.
         decoder_depth: residual blocks of the hypervolume.
         num_fourier_features: random Fourier feature vectors of the positional encoding.
@@ -83,7 +78,6 @@ class ModelConfig:
     encoder_hidden_dim: int = 256
     encoder_inplane_canonical: bool = False
     encoder_recentre: bool = False
-    encoder_recentre_jitter_px: float = 0.0
     decoder_width: int = 256
     decoder_depth: int = 3
     num_fourier_features: int = 64
@@ -112,8 +106,6 @@ class ModelConfig:
         if self.encoder_inplane_canonical and self.pose_mode == "refine":
             raise ConfigError("encoder_inplane_canonical cannot be used with pose_mode refine (the encoder's "
                               "correction must start at the identity)")
-        if self.encoder_recentre_jitter_px < 0 or (self.encoder_recentre_jitter_px and not self.encoder_recentre):
-            raise ConfigError("encoder_recentre_jitter_px must be >= 0, and > 0 only with encoder_recentre")
         self.encoder_config()
         self.decoder_config()
         self.schedule_config()

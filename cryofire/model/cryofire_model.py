@@ -9,16 +9,10 @@ Pose modes:
   * ``'refine'``: the encoder predicts a correction, ``R = dR @ R_given`` and
     ``t = t_given + dt``; it starts at the identity and zero.
 The symmetric loss applies in 'abinit' only: given poses already fix the mirror ambiguity.
-
-A teacher's targets ('abinit' only) train the encoder's hypotheses directly (pose and class losses of the nearest
-one); the decoder is fitted at the target poses. With ``encoder_recentre_jitter_px`` the re-centring encoder's two
-passes are trained apart on them: the first on the raw images, the second on the images re-centred by the target shift
-plus random jitter, so the second learns from residual shifts that are random rather than the first pass's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,7 +35,7 @@ from cryofire.model.losses import (
     mirror_poses,
 )
 from cryofire.model.schedule import frequency_radius_px, in_pose_only_phase, pose_only_latents
-from cryofire.physics import shift_images, soft_circular_window
+from cryofire.physics import soft_circular_window
 
 
 @dataclass
@@ -129,9 +123,11 @@ class CryoFireModel(nn.Module):
         given_shifts_px: torch.Tensor | None,
     ) -> Hypotheses:
         mode = self.config.pose_mode
-        if mode == "abinit":
-            return self._encode_abinit(windowed, self.encoder)
+        if mode == "abinit" and self.config.symmetric_loss:
+            return self._encode_symmetric(windowed)
         out = self.encoder(windowed)
+        if mode == "abinit":
+            return _as_hypotheses(out, mirrored=False)
         if given_rotations is None or given_shifts_px is None:
             raise ValueError(f"pose mode {mode!r} needs given_rotations and given_shifts_px")
         given_r, given_t = given_rotations[:, None].float(), given_shifts_px[:, None].float()
@@ -141,13 +137,10 @@ class CryoFireModel(nn.Module):
             out = replace(out, rotations=out.rotations @ given_r, shifts_px=out.shifts_px + given_t)
         return _as_hypotheses(out, mirrored=False)
 
-    def _encode_abinit(self, windowed: torch.Tensor, encode: Callable[[torch.Tensor], EncoderOutput]) -> Hypotheses:
-        """Hypotheses from ``encode`` (the encoder, or one of its passes): H, or with the symmetric loss 2H (the
-        images and their mirrors encoded in one batch, the mirrors' poses mapped back to the images)."""
-        if not self.config.symmetric_loss:
-            return _as_hypotheses(encode(windowed), mirrored=False)
+    def _encode_symmetric(self, windowed: torch.Tensor) -> Hypotheses:
+        """Encode images and their mirrors in one pass; 2H hypotheses for the original images."""
         batch = windowed.shape[0]
-        out = encode(torch.cat((windowed, mirror_images(windowed))))
+        out = self.encoder(torch.cat((windowed, mirror_images(windowed))))
         original, mirrored = out.rows(slice(0, batch)), out.rows(slice(batch, None))
         rotations, shifts_px = mirror_poses(mirrored.rotations, mirrored.shifts_px)
         mapped = replace(mirrored, rotations=rotations, shifts_px=shifts_px)
@@ -204,13 +197,11 @@ class CryoFireModel(nn.Module):
             ``mirrored`` (B,) bool (winner came from the mirrored image), ``radius_px`` (scalar).
         """
         windowed = images * self.window
-        target_losses = {}
-        if target_rotations is None:
-            hyp = self._encode_windowed(windowed, given_rotations, given_shifts_px)
-        else:
-            trained = self._target_hypotheses(windowed, target_shifts_px)
-            target_losses, nearest = self._target_losses(trained, target_rotations, target_shifts_px, target_classes)
-            hyp = self._teacher_hypotheses(trained[-1], nearest, target_rotations, target_shifts_px)
+        hyp = self._encode_windowed(windowed, given_rotations, given_shifts_px)
+        pose_loss = None
+        if target_rotations is not None:
+            pose_loss = self._pose_target_loss(hyp, target_rotations, target_shifts_px)
+            hyp = self._teacher_hypotheses(hyp, pose_loss, target_rotations, target_shifts_px)
         radius_px = frequency_radius_px(images_seen, self.config.box_size, self.schedule)
         count = self.lattice.count_within(radius_px)
         coords = self.lattice.coords[:count]
@@ -234,54 +225,32 @@ class CryoFireModel(nn.Module):
             out["z_logvar"] = _take(hyp.z_logvar, winner)
         out["kl"] = self._kl(out["z"], out.get("z_logvar"), images_seen)
         out["loss"] = out["data_loss"] + self.config.kl_weight * out["kl"]
-        for name, weight in (("pose_loss", self.config.pose_target_weight),
-                             ("class_loss", self.config.class_target_weight)):
-            if name in target_losses:
-                out[name] = target_losses[name]
-                out["loss"] = out["loss"] + weight * out[name]
+        self._add_target_losses(out, pose_loss, target_classes, simulated)
+        return out
+
+    def _add_target_losses(self, out: dict[str, torch.Tensor], pose_loss: torch.Tensor | None,
+                           target_classes: torch.Tensor | None, simulated: dict[str, torch.Tensor] | None) -> None:
+        """Add a teacher's weighted losses to ``out["loss"]`` (and each to ``out``): the pose loss (B, P) of the
+        nearest hypothesis, the class loss of the winning latent, and the loss on simulated images."""
+        if pose_loss is not None:
+            out["pose_loss"] = pose_loss.min(dim=1).values.mean()
+            out["loss"] = out["loss"] + self.config.pose_target_weight * out["pose_loss"]
+        if target_classes is not None and self.config.zdim:
+            out["class_loss"] = self._class_target_loss(out["z"], target_classes)
+            out["loss"] = out["loss"] + self.config.class_target_weight * out["class_loss"]
         if simulated is not None:
             out["simulated_loss"] = self._simulated_loss(simulated)
             out["loss"] = out["loss"] + out["simulated_loss"]
-        return out
-
-    def _target_hypotheses(self, windowed: torch.Tensor, target_shifts_px: torch.Tensor) -> list[Hypotheses]:
-        """The hypothesis sets a teacher's targets train, for windowed images (B, D, D) with target shifts (B, 2) px:
-        the encoder's; or with ``encoder_recentre_jitter_px`` its first pass on the images and its second pass on
-        the images re-centred by the target shift plus Gaussian jitter (shifts then given for the images)."""
-        jitter_px = self.config.encoder_recentre_jitter_px
-        if not jitter_px:
-            return [self._encode_abinit(windowed, self.encoder)]
-        moved_by = target_shifts_px.float() + jitter_px * torch.randn_like(target_shifts_px.float())  # (B, 2)
-        with torch.autocast(windowed.device.type, enabled=False):
-            recentred = shift_images(windowed.float(), moved_by).to(windowed.dtype)
-        second = self._encode_abinit(recentred, self.encoder.encode_once)
-        second = replace(second, shifts_px=second.shifts_px + moved_by[:, None])
-        return [self._encode_abinit(windowed, self.encoder.encode_once), second]
-
-    def _target_losses(self, trained: list[Hypotheses], target_rotations: torch.Tensor, target_shifts_px: torch.Tensor,
-                       target_classes: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Summed over the hypothesis sets: the pose loss of each image's nearest hypothesis (``pose_loss``) and,
-        with classes (B, K), the class loss of its latent (``class_loss``); and the nearest hypothesis (B,) of the
-        last set."""
-        losses: dict[str, torch.Tensor] = {}
-        for hyp in trained:
-            distance = self._pose_target_loss(hyp, target_rotations, target_shifts_px)  # (B, P)
-            nearest = distance.detach().argmin(dim=1)
-            losses["pose_loss"] = losses.get("pose_loss", 0) + distance.min(dim=1).values.mean()
-            if target_classes is not None and self.config.zdim:
-                class_loss = self._class_target_loss(_take(hyp.z_mean, nearest), target_classes)
-                losses["class_loss"] = losses.get("class_loss", 0) + class_loss
-        return losses, nearest
 
     def _simulated_loss(self, simulated: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The encoder's weighted target losses (:meth:`_target_losses`) on images simulated at known poses and
-        classes."""
-        trained = self._target_hypotheses(simulated["images"] * self.window, simulated["target_shifts_px"])
-        losses, _ = self._target_losses(trained, simulated["target_rotations"], simulated["target_shifts_px"],
-                                        simulated["target_classes"])
-        loss = self.config.pose_target_weight * losses["pose_loss"]
-        if "class_loss" in losses:
-            loss = loss + self.config.class_target_weight * losses["class_loss"]
+        """The encoder's target losses on images simulated at known poses and classes: the pose loss of the
+        nearest hypothesis, and the class loss of its latent."""
+        hyp = self._encode_windowed(simulated["images"] * self.window, None, None)
+        pose_loss = self._pose_target_loss(hyp, simulated["target_rotations"], simulated["target_shifts_px"])
+        loss = self.config.pose_target_weight * pose_loss.min(dim=1).values.mean()
+        if self.config.zdim:
+            z = _take(hyp.z_mean, pose_loss.detach().argmin(dim=1))
+            loss = loss + self.config.class_target_weight * self._class_target_loss(z, simulated["target_classes"])
         return loss
 
     @staticmethod
@@ -303,11 +272,12 @@ class CryoFireModel(nn.Module):
 
     @staticmethod
     def _teacher_hypotheses(
-        hyp: Hypotheses, nearest: torch.Tensor, target_rotations: torch.Tensor,
+        hyp: Hypotheses, pose_loss: torch.Tensor, target_rotations: torch.Tensor,
         target_shifts_px: torch.Tensor,
     ) -> Hypotheses:
         """One hypothesis per image at the target pose, with the latent of the encoder path
-        ``nearest`` (B,) to it (the decoder is fitted at the searched pose)."""
+        nearest to it (the decoder is fitted at the searched pose)."""
+        nearest = pose_loss.detach().argmin(dim=1)
         z_logvar = None if hyp.z_logvar is None else _take(hyp.z_logvar, nearest)[:, None]
         return Hypotheses(
             rotations=target_rotations[:, None].float(),
