@@ -108,9 +108,10 @@ def make_loader(
     a generator of its own, not from the global random state, so making a loader (e.g. rebuilding the teacher's maps
     after a resume) leaves the training's random stream where it was.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    worker_seed = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    epoch_seed = seed * 100_003 + epoch
+    worker_seed = torch.Generator().manual_seed(epoch_seed)
+    sampler = (torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed))
+               if shuffle else None)
     if world_size > 1:
         if not shuffle:
             raise ValueError("only shuffled (training) loaders are split over processes")
