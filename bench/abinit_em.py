@@ -3,14 +3,16 @@
     python bench/abinit_em.py identifiability --star /work/bench-data/acc32/prep/train.star
     python bench/abinit_em.py em --star /work/bench-data/acc32/prep/train.star
     python bench/abinit_em.py search --star /work/bench-data/acc32/prep/train.star --search-shift-px 6
+    python bench/abinit_em.py starts --star /work/bench-data/acc32/prep/train.star --starts 3 --seed 2
 
 ``search``: both class maps rebuilt from the TRUE poses and states of all images (radius 16 px), then the global
 assignment (``StochasticEM.assign``) of 2,000 images: how often the search itself misses the true pose (> 20 deg) or
 class, overall and for the particles more than 3 px off-centre. ``identifiability``: a map reconstructed from the
 TRUE poses of 5,000 images, low-passed to radius r, then the best pose of 400 images by global search (4,096 random
 rotations x shifts, then local refinement): the median rotation error says how much pose information the images
-carry up to r. ``em``: the whole initialisation (stochastic EM from random poses, assignment, refinement) on the
-first ``--n-images``, then its rotation error and class agreement.
+carry up to r. ``starts``: each EM start's score and per-class explained power, and against the truth its class
+agreement and rotation error. ``em``: the whole initialisation (stochastic EM from random poses, assignment,
+refinement) on the first ``--n-images``, then its rotation error and class agreement.
 Results in bench/RESULTS.md ("Ab initio by stochastic EM").
 
 Why: an amortized encoder trained through the image loss alone did not find poses in a few hundred thousand images
@@ -30,7 +32,7 @@ import torch
 
 from cryofire.device import keep_freed_memory
 from cryofire.evaluate import align_poses, rotation_errors_deg
-from cryofire.model.ab_initio import initial_poses
+from cryofire.model.ab_initio import class_explained_power, em_start, initial_poses, probe_rows, start_quality
 from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.em_refine import reconstruct
 from cryofire.model.image_formation import HalfPlaneLattice
@@ -97,7 +99,7 @@ def search(star: str, config: EMConfig, n_images: int = 2000) -> None:
 def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None, device: str = "cpu") -> None:
     """The whole initialisation (EM, assignment, refinement) on the first images, with the error at each stage."""
     data = load_spectra(star, n_images)
-    started = time.time()
+    started, stages = time.time(), {}
 
     def progress(stage: str, info: dict, poses: tuple | None) -> None:
         line = f"{stage} {info}"
@@ -110,10 +112,37 @@ def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None, 
                      f"aligned alone: {', '.join(f'{e:.2f}' for e in per_class)}), class agreement "
                      f"{max(agreement, 1 - agreement):.4f}")
             if save:
-                torch.save({"rotations": rotations, "shifts": shifts, "classes": classes}, save)
+                stages[f"{stage} {info.get('round', '')}".strip()] = {"rotations": rotations, "shifts": shifts,
+                                                                      "classes": classes}
+                torch.save(stages, save)
         print(f"{line}, {time.time() - started:.0f} s", flush=True)
 
     initial_poses(data["observed"].to(device), data["ctf"].to(device), data["size"], config, device, progress)
+
+
+def compare_starts(star: str, config: EMConfig, n_images: int, first: int = 1, device: str = "cpu") -> None:
+    """Each EM start from number ``first`` on alone (as :func:`~cryofire.model.ab_initio.best_em_start` runs them;
+    the probe depends on the seed only) on the first images: its score (explained power, un-blending gain), each
+    class's explained power on the probe, and against the truth the probe's class agreement and each class's median
+    rotation error."""
+    data = load_spectra(star, n_images)
+    observed, ctf = data["observed"].to(device), data["ctf"].to(device)
+    probe = probe_rows(len(observed), config)
+    states = data["states"][probe.numpy()]
+    for start in range(first - 1, config.starts):
+        started = time.time()
+        em = em_start(observed, ctf, data["size"], config, start, device)
+        explained, gain = start_quality(em, observed[probe], ctf[probe])
+        rotations, _, classes, scores = em.assign(observed[probe], ctf[probe], config.end_radius_px)
+        per_class = class_explained_power(em, observed[probe], scores, classes).tolist()
+        classes, rotations = classes.cpu().numpy(), rotations.cpu()
+        agreement = float(np.mean(classes == states))
+        errors = [median_error_deg(rotations[classes == k], data["rotations"][probe][classes == k])
+                  for k in range(config.classes) if (classes == k).sum() > 10]
+        print(f"start {start + 1}: explained {explained:.4f}, unblend gain {gain:.4f}, per class "
+              f"{', '.join(f'{v:.4f}' for v in per_class)} (sizes {np.bincount(classes, minlength=config.classes)}), "
+              f"class agreement {max(agreement, 1 - agreement):.4f}, median error per class "
+              f"{', '.join(f'{e:.1f}' for e in errors)} deg, {time.time() - started:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -121,13 +150,16 @@ def main() -> None:
     import dataclasses
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("identifiability", "search", "em"))
+    parser.add_argument("what", choices=("identifiability", "search", "em", "starts"))
     parser.add_argument("--star", required=True, help="preprocessed particles with true poses (simulated)")
     parser.add_argument("--n-images", type=int, default=10_000)
-    parser.add_argument("--save", help="write the poses and classes of every stage here (torch.save)")
+    parser.add_argument("--save", help="write the poses and classes after each stage here (torch.save of a dict by stage)")
+    parser.add_argument("--first-start", type=int, default=1, help="starts: the first start to run (1-based)")
     parser.add_argument("--device", default="cpu", help="em: where the EM runs (cpu, cuda)")
     for field in dataclasses.fields(EMConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        kind = type(field.default)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default,
+                            type=(lambda text: text.lower() in ("1", "true", "yes")) if kind is bool else kind)
     args = parser.parse_args()
     keep_freed_memory()  # as the `cryofire` command line does
     config = EMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EMConfig)})
@@ -135,6 +167,8 @@ def main() -> None:
         identifiability(args.star)
     elif args.what == "search":
         search(args.star, config)
+    elif args.what == "starts":
+        compare_starts(args.star, config, args.n_images, args.first_start, args.device)
     else:
         run_em(args.star, config, args.n_images, args.save, args.device)
 

@@ -77,22 +77,36 @@ def start_quality(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -
     return explained, sum(gain * float((classes == k).float().mean()) for k, gain in gains.items())
 
 
+def probe_rows(n_images: int, config: EMConfig) -> torch.Tensor:
+    """The ``probe_images`` rows (P,) of ``n_images`` on which the EM starts are compared."""
+    return torch.randperm(n_images, generator=torch.Generator().manual_seed(config.seed))[: config.probe_images]
+
+
+def em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig, start: int,
+             device: torch.device | str = "cpu", progress: Progress | None = None) -> StochasticEM:
+    """Stochastic EM start number ``start`` (0-based; seed ``seed + 1000 * start``) on spectra (N, M, 2) and CTFs
+    (N, M); ``progress`` gets ("em", diagnostics) every 100 iterations."""
+    report = progress or (lambda stage, info, poses: None)
+    em = StochasticEM(box_size, len(observed), replace(config, seed=config.seed + 1000 * start), device)
+    generator = torch.Generator().manual_seed(em.config.seed + 1)
+    for iteration in range(config.iterations):
+        rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
+        info = em.iterate(observed[rows], ctf[rows], rows)
+        if iteration % 100 == 99:
+            report("em", {"start": start + 1, "iteration": iteration + 1, **info}, None)
+    return em
+
+
 def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
                   device: torch.device | str = "cpu", progress: Progress | None = None) -> StochasticEM:
     """Stochastic EM from ``config.starts`` random starts (seeds ``seed + 1000 * start``); returns the one of best
     :func:`start_quality` (explained power plus un-blending gain) on ``probe_images`` of the images. ``progress``
     gets ("em", diagnostics) every 100 iterations and ("start", its explained power and gain) after each start."""
     report = progress or (lambda stage, info, poses: None)
-    probe = torch.randperm(len(observed), generator=torch.Generator().manual_seed(config.seed))[: config.probe_images]
+    probe = probe_rows(len(observed), config)
     em, best = None, -math.inf
     for start in range(config.starts):
-        candidate = StochasticEM(box_size, len(observed), replace(config, seed=config.seed + 1000 * start), device)
-        generator = torch.Generator().manual_seed(candidate.config.seed + 1)
-        for iteration in range(config.iterations):
-            rows = torch.randint(0, len(observed), (config.batch_size,), generator=generator)
-            info = candidate.iterate(observed[rows], ctf[rows], rows)
-            if iteration % 100 == 99:
-                report("em", {"start": start + 1, "iteration": iteration + 1, **info}, None)
+        candidate = em_start(observed, ctf, box_size, config, start, device, report)
         explained, gain = start_quality(candidate, observed[probe], ctf[probe])
         report("start", {"start": start + 1, "explained_power": explained, "unblend_gain": gain}, None)
         if explained + gain > best:
