@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("what", choices=("identifiability", "search", "em", "starts"))
     parser.add_argument("--star", required=True, help="preprocessed particles with true poses (simulated)")
     parser.add_argument("--n-images", type=int, default=10_000)
-    parser.add_argument("--save", help="write the poses and classes after each stage here (torch.save of a dict by stage)")
+    parser.add_argument("--save", help="em: the poses and classes after each stage (torch.save of a dict by stage)")
     parser.add_argument("--first-start", type=int, default=1, help="starts: the first start to run (1-based)")
     parser.add_argument("--device", default="cpu", help="em: where the EM runs (cpu, cuda)")
     for field in dataclasses.fields(EMConfig):
