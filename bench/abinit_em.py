@@ -157,9 +157,7 @@ def main() -> None:
     parser.add_argument("--first-start", type=int, default=1, help="starts: the first start to run (1-based)")
     parser.add_argument("--device", default="cpu", help="em: where the EM runs (cpu, cuda)")
     for field in dataclasses.fields(EMConfig):
-        kind = type(field.default)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default,
-                            type=(lambda text: text.lower() in ("1", "true", "yes")) if kind is bool else kind)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args()
     keep_freed_memory()  # as the `cryofire` command line does
     config = EMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EMConfig)})
