@@ -122,9 +122,9 @@ def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None, 
 
 def compare_starts(star: str, config: EMConfig, n_images: int, first: int = 1, device: str = "cpu") -> None:
     """Each EM start from number ``first`` on alone (as :func:`~cryofire.model.ab_initio.best_em_start` runs them;
-    the probe depends on the seed only) on the first images: its score (explained power, un-blending gain), each
-    class's explained power on the probe, and against the truth the probe's class agreement and each class's median
-    rotation error."""
+    the probe depends on the seed only) on the first images: its score (explained power, un-blending gain), and from
+    the same assignment of the probe each class's explained power, and against the truth the class agreement and
+    each class's median rotation error."""
     data = load_spectra(star, n_images)
     observed, ctf = data["observed"].to(device), data["ctf"].to(device)
     probe = probe_rows(len(observed), config)
@@ -132,8 +132,9 @@ def compare_starts(star: str, config: EMConfig, n_images: int, first: int = 1, d
     for start in range(first - 1, config.starts):
         started = time.time()
         em = em_start(observed, ctf, data["size"], config, start, device)
-        explained, gain = start_quality(em, observed[probe], ctf[probe])
-        rotations, _, classes, scores = em.assign(observed[probe], ctf[probe], config.end_radius_px)
+        assignment = em.assign(observed[probe], ctf[probe], config.end_radius_px)
+        explained, gain = start_quality(em, observed[probe], ctf[probe], assignment)
+        rotations, _, classes, scores = assignment
         per_class = class_explained_power(em, observed[probe], scores, classes).tolist()
         classes, rotations = classes.cpu().numpy(), rotations.cpu()
         agreement = float(np.mean(classes == states))

@@ -44,6 +44,10 @@ from cryofire.model.em_unblend import unblend
 Progress = Callable[[str, dict, "tuple | None"], None]
 
 
+def _no_progress(stage: str, info: dict, poses: tuple | None) -> None:
+    """The :data:`Progress` of a caller that wants none."""
+
+
 def _explained(em: StochasticEM, observed: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """:func:`~cryofire.model.em_refine.explained_fraction` (B,) of spectra (B, M, 2) whose scores (B,) were
     computed within ``end_radius_px``."""
@@ -59,7 +63,8 @@ def assign_all(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, radi
     return tuple(torch.cat(values) for values in zip(*parts))
 
 
-def start_quality(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -> tuple[float, float]:
+def start_quality(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor,
+                  assignment: tuple[torch.Tensor, ...] | None = None) -> tuple[float, float]:
     """How well an EM start's maps explain a probe of the images (spectra (P, M, 2), CTF (P, M)): the mean fraction
     of the images' power that their best poses and classes within ``end_radius_px`` explain (``-score / |Y|^2``; a
     stochastic EM stuck in a wrong optimum explains less: on a simulated SNR-0.1 set 0.61-0.64 against 0.66-0.68 for
@@ -68,8 +73,11 @@ def start_quality(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor) -
     from their poses before and after; each class's gain weighted by its share of them; 0 when ``unblend_images`` is
     0). A start with a class that blends two frames of a molecule can be better than one whose class is poor in
     another way, yet explain less until it is un-blended (a simulated set's second start, bench/RESULTS.md, eleventh
-    session). Neither draws from ``em``'s random stream beyond the assignment."""
-    rotations, shifts, classes, scores = em.assign(observed, ctf, em.config.end_radius_px)
+    session). Neither draws from ``em``'s random stream beyond the assignment, which a caller that has made it
+    (:meth:`StochasticEM.assign` at ``end_radius_px``: rotations, shifts, classes, scores) can pass in."""
+    if assignment is None:
+        assignment = em.assign(observed, ctf, em.config.end_radius_px)
+    rotations, shifts, classes, scores = assignment
     explained = float(_explained(em, observed, scores).mean())
     if em.config.unblend_images == 0:
         return explained, 0.0
@@ -86,7 +94,7 @@ def em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: E
              device: torch.device | str = "cpu", progress: Progress | None = None) -> StochasticEM:
     """Stochastic EM start number ``start`` (0-based; seed ``seed + 1000 * start``) on spectra (N, M, 2) and CTFs
     (N, M); ``progress`` gets ("em", diagnostics) every 100 iterations."""
-    report = progress or (lambda stage, info, poses: None)
+    report = progress or _no_progress
     em = StochasticEM(box_size, len(observed), replace(config, seed=config.seed + 1000 * start), device)
     generator = torch.Generator().manual_seed(em.config.seed + 1)
     for iteration in range(config.iterations):
@@ -102,7 +110,7 @@ def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     """Stochastic EM from ``config.starts`` random starts (seeds ``seed + 1000 * start``); returns the one of best
     :func:`start_quality` (explained power plus un-blending gain) on ``probe_images`` of the images. ``progress``
     gets ("em", diagnostics) every 100 iterations and ("start", its explained power and gain) after each start."""
-    report = progress or (lambda stage, info, poses: None)
+    report = progress or _no_progress
     probe = probe_rows(len(observed), config)
     em, best = None, -math.inf
     for start in range(config.starts):
@@ -139,7 +147,7 @@ def initial_poses(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     Returns the EM state (its maps are those of the last round) and the rotations (N, 3, 3) RELION matrices,
     re-centring shifts (N, 2) px and classes (N,) of the images, on ``device``.
     """
-    report = progress or (lambda stage, info, poses: None)
+    report = progress or _no_progress
     em = best_em_start(observed, ctf, box_size, config, device, report)
     rotations, shifts, classes, scores = assign_all(em, observed, ctf, config.end_radius_px)
     per_class = class_explained_power(em, observed, scores, classes)
