@@ -25,7 +25,10 @@ The method itself is documented in cryofire/model/em_init.py (the ``--teacher em
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ from cryofire.device import keep_freed_memory
 from cryofire.evaluate import align_poses, rotation_errors_deg
 from cryofire.model.ab_initio import class_explained_power, em_start, initial_poses, probe_rows, start_quality
 from cryofire.model.em_init import EMConfig, StochasticEM
-from cryofire.model.em_refine import reconstruct
+from cryofire.model.em_refine import explained_fraction, reconstruct
 from cryofire.model.image_formation import HalfPlaneLattice
 
 
@@ -120,11 +123,13 @@ def run_em(star: str, config: EMConfig, n_images: int, save: str | None = None, 
     initial_poses(data["observed"].to(device), data["ctf"].to(device), data["size"], config, device, progress)
 
 
-def compare_starts(star: str, config: EMConfig, n_images: int, first: int = 1, device: str = "cpu") -> None:
+def compare_starts(star: str, config: EMConfig, n_images: int, first: int = 1, device: str = "cpu",
+                   save_maps: str | None = None) -> None:
     """Each EM start from number ``first`` on alone (as :func:`~cryofire.model.ab_initio.best_em_start` runs them;
     the probe depends on the seed only) on the first images: its score (explained power, un-blending gain), and from
     the same assignment of the probe each class's explained power, and against the truth the class agreement and
-    each class's median rotation error."""
+    each class's median rotation error. With ``save_maps`` (a folder) each start's class maps are saved there as
+    ``start<N>.pt`` for :func:`pool_maps`."""
     data = load_spectra(star, n_images)
     observed, ctf = data["observed"].to(device), data["ctf"].to(device)
     probe = probe_rows(len(observed), config)
@@ -132,6 +137,8 @@ def compare_starts(star: str, config: EMConfig, n_images: int, first: int = 1, d
     for start in range(first - 1, config.starts):
         started = time.time()
         em = em_start(observed, ctf, data["size"], config, start, device)
+        if save_maps:
+            torch.save(em.volume_ft.cpu(), f"{save_maps}/start{start + 1}.pt")
         assignment = em.assign(observed[probe], ctf[probe], config.end_radius_px)
         explained, gain = start_quality(em, observed[probe], ctf[probe], assignment)
         rotations, _, classes, scores = assignment
@@ -146,16 +153,52 @@ def compare_starts(star: str, config: EMConfig, n_images: int, first: int = 1, d
               f"{', '.join(f'{e:.1f}' for e in errors)} deg, {time.time() - started:.0f} s", flush=True)
 
 
+def pool_maps(star: str, config: EMConfig, n_images: int, maps: list[str], device: str = "cpu") -> None:
+    """The class maps of several EM starts (files of ``starts --save-maps``) pooled: each probe image's best pose in
+    every map, then against the truth each map's median error on each state's images (aligned alone), and the pairs
+    of maps (from any starts) ranked by the mean over the probe of each image's better explained fraction, with
+    each pair's per-state errors: would choosing two class maps across starts pick the right map of each state?"""
+    data = load_spectra(star, n_images)
+    probe = probe_rows(len(data["observed"]), config)
+    observed, ctf = data["observed"][probe].to(device), data["ctf"][probe].to(device)
+    states, truth = data["states"][probe.numpy()], data["rotations"][probe]
+    volumes = torch.cat([torch.load(path) for path in maps]).to(device)
+    em = StochasticEM(data["size"], len(observed), dataclasses.replace(config, classes=len(volumes)), device)
+    em.volume_ft = volumes
+    parts = [em.assign_each_class(observed[part], ctf[part], config.end_radius_px)
+             for part in torch.arange(len(observed)).split(250)]
+    rotations, _, scores = (torch.cat(values).cpu() for values in zip(*parts))  # (P, K, 3, 3), _, (P, K)
+    count = em.lattice.count_within(config.end_radius_px)
+    explained = explained_fraction(scores, observed[:, None, :count].cpu())  # (P, K)
+    names = [f"{Path(path).stem}/{k}" for path in maps for k in range(len(torch.load(path)))]
+    errors = np.array([[median_error_deg(rotations[states == s, k], truth[states == s]) for s in (0, 1)]
+                       for k in range(len(names))])
+    for name, error, power in zip(names, errors, explained.mean(0)):
+        print(f"map {name}: explained {power:.4f} (all probe images), error on state 1 / 2 images "
+              f"{error[0]:.1f} / {error[1]:.1f} deg")
+    pairs = []
+    for i, j in itertools.combinations(range(len(names)), 2):
+        better = torch.stack((explained[:, i], explained[:, j]), 1)
+        picked = better.argmax(1).numpy()
+        agreement = float(np.mean(picked == states))
+        pairs.append((float(better.max(1).values.mean()), names[i], names[j], max(agreement, 1 - agreement),
+                      errors[i], errors[j]))
+    for power, first, second, agreement, error_i, error_j in sorted(pairs, reverse=True)[:10]:
+        print(f"pair {first} + {second}: explained {power:.4f}, class agreement {agreement:.3f}, errors (state 1 / 2) "
+              f"{error_i[0]:.1f} / {error_i[1]:.1f} and {error_j[0]:.1f} / {error_j[1]:.1f} deg")
+
+
 def main() -> None:
     import argparse
-    import dataclasses
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("identifiability", "search", "em", "starts"))
+    parser.add_argument("what", choices=("identifiability", "search", "em", "starts", "pool"))
     parser.add_argument("--star", required=True, help="preprocessed particles with true poses (simulated)")
     parser.add_argument("--n-images", type=int, default=10_000)
     parser.add_argument("--save", help="em: the poses and classes after each stage (torch.save of a dict by stage)")
     parser.add_argument("--first-start", type=int, default=1, help="starts: the first start to run (1-based)")
+    parser.add_argument("--save-maps", help="starts: a folder to save each start's class maps in")
+    parser.add_argument("--maps", nargs="+", help="pool: class-map files saved by starts --save-maps")
     parser.add_argument("--device", default="cpu", help="em: where the EM runs (cpu, cuda)")
     for field in dataclasses.fields(EMConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
@@ -167,7 +210,9 @@ def main() -> None:
     elif args.what == "search":
         search(args.star, config)
     elif args.what == "starts":
-        compare_starts(args.star, config, args.n_images, args.first_start, args.device)
+        compare_starts(args.star, config, args.n_images, args.first_start, args.device, args.save_maps)
+    elif args.what == "pool":
+        pool_maps(args.star, config, args.n_images, args.maps, args.device)
     else:
         run_em(args.star, config, args.n_images, args.save, args.device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from cryofire import physics
 from cryofire.errors import ConfigError
 from cryofire.evaluate import rotation_errors_deg
 from cryofire.io import read_star
-from cryofire.model.ab_initio import class_explained_power, initial_poses, start_quality
+from cryofire.model import ab_initio
+from cryofire.model.ab_initio import class_explained_power, initial_poses, start_quality, swap_search
 from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.em_refine import (
     class_frames,
@@ -353,3 +355,38 @@ def test_more_em_classes_than_latent_coordinates_is_refused(particles, tmp_path)
     config = TrainConfig(epochs=1, model={**SMALL_MODEL, "zdim": 1}, search_fraction=1.0, teacher="em", em_classes=2)
     with pytest.raises(ConfigError, match="em_classes 2 needs zdim >= 2"):
         train(particles, tmp_path / "run", config)
+
+
+def test_the_swap_search_takes_each_state_s_best_map_from_any_start():
+    """Two starts of two classes (columns start * 2 + class): start 0 explains state A's images (rows 0-49) well and
+    state B's poorly, start 1 the reverse; the search from start 0's maps ends with the best map of each state."""
+    explained = torch.full((100, 4), 0.5)
+    explained[:50, 0], explained[50:, 1] = 0.70, 0.62  # start 0: A right, B poor
+    explained[:50, 2], explained[50:, 3] = 0.63, 0.69  # start 1: A poor, B right
+    assert sorted(swap_search(explained, [0, 1])) == [0, 3]
+    assert sorted(swap_search(explained, [2, 3])) == [0, 3]
+    assert sorted(swap_search(explained[:, :2], [0, 1])) == [0, 1]  # nothing to swap in
+
+
+def test_a_mixed_start_keeps_each_state_s_right_map_from_whichever_start_has_it(monkeypatch):
+    """Two EM starts (stubbed with maps rebuilt from known poses), each with one state's map from the true poses and
+    the other's from random ones: the kept maps are the two right ones, from different starts."""
+    _, observed, ctf, truth, shifts, states = _state_images(24, 400, [0.5, 0.5])
+    config = EMConfig(classes=2, starts=2, probe_images=120, unblend_images=0, seed=1)
+    wrong = physics.random_rotations(len(truth), generator=torch.Generator().manual_seed(3)).float()
+    starts = []
+    for right_state in (0, 1):
+        em = StochasticEM(24, len(truth), replace(config, seed=1 + 1000 * right_state))
+        rotations = torch.where((states == right_state)[:, None, None], truth, wrong)
+        reconstruct(em, observed, ctf, rotations, shifts, states, config.end_radius_px)
+        starts.append(em)
+    right_maps = torch.stack([starts[0].volume_ft[0], starts[1].volume_ft[1]]).clone()
+    monkeypatch.setattr(ab_initio, "em_start", lambda *args, **kwargs: starts[args[4]])
+    seen = {}
+    kept = ab_initio.best_em_start(observed, ctf, 24, config,
+                                   progress=lambda stage, info, poses: seen.setdefault(stage, []).append(info))
+    assert [info["start"] for info in seen["start"]] == [1, 2]
+    assert seen["mixed start"][0]["maps"] == [(1, 0), (2, 1)]
+    mixed = seen["mixed start"][0]["explained_power"]
+    assert mixed > max(info["explained_power"] for info in seen["start"]) + 0.01
+    assert torch.equal(kept.volume_ft, right_maps)

@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import torch
 
-from cryofire.model.em_init import EMConfig, StochasticEM
+from cryofire.model.em_init import EMConfig, StochasticEM, best_of_classes
 from cryofire.model.em_refine import (
     class_frames,
     class_margins,
@@ -108,18 +108,69 @@ def em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: E
 def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, config: EMConfig,
                   device: torch.device | str = "cpu", progress: Progress | None = None) -> StochasticEM:
     """Stochastic EM from ``config.starts`` random starts (seeds ``seed + 1000 * start``); returns the one of best
-    :func:`start_quality` (explained power plus un-blending gain) on ``probe_images`` of the images. ``progress``
-    gets ("em", diagnostics) every 100 iterations and ("start", its explained power and gain) after each start."""
+    :func:`start_quality` (explained power plus un-blending gain) on ``probe_images`` of the images, or that start
+    with class maps taken from other starts (:func:`mixed_maps`) where the mixture's quality is higher. ``progress``
+    gets ("em", diagnostics) every 100 iterations, ("start", its explained power and gain) after each start, and
+    ("mixed start", the same and the (start, class) of each map) for a mixture."""
     report = progress or _no_progress
     probe = probe_rows(len(observed), config)
-    em, best = None, -math.inf
+    probe_observed, probe_ctf = observed[probe], ctf[probe]
+    classes = torch.arange(config.classes)
+    starts, qualities = [], []
     for start in range(config.starts):
         candidate = em_start(observed, ctf, box_size, config, start, device, report)
-        explained, gain = start_quality(candidate, observed[probe], ctf[probe])
+        per_class = candidate.assign_each_class(probe_observed, probe_ctf, config.end_radius_px)
+        explained, gain = start_quality(candidate, probe_observed, probe_ctf, best_of_classes(*per_class, classes))
         report("start", {"start": start + 1, "explained_power": explained, "unblend_gain": gain}, None)
-        if explained + gain > best:
-            em, best = candidate, explained + gain
+        starts.append((candidate, per_class))
+        qualities.append(explained + gain)
+    best = max(range(config.starts), key=qualities.__getitem__)
+    em = starts[best][0]
+    chosen = mixed_maps(em, probe_observed, [per_class for _, per_class in starts], best)
+    if chosen is None or config.classes == 1:  # one class: a start's map is that start, compared already
+        return em
+    per_class = tuple(torch.cat([values[i] for _, values in starts], 1)[:, chosen] for i in range(3))
+    explained, gain = start_quality(em, probe_observed, probe_ctf, best_of_classes(*per_class, classes))
+    maps = [(c // config.classes + 1, c % config.classes) for c in chosen]
+    report("mixed start", {"maps": maps, "explained_power": explained, "unblend_gain": gain}, None)
+    if explained + gain > qualities[best]:
+        em.volume_ft = torch.stack([starts[c // config.classes][0].volume_ft[c % config.classes] for c in chosen])
     return em
+
+
+def mixed_maps(em: StochasticEM, observed: torch.Tensor, per_class: list[tuple[torch.Tensor, ...]], best: int
+               ) -> list[int] | None:
+    """The class maps of several EM starts pooled: starting from start ``best``'s own, each of the K maps in turn
+    replaced by the pooled map that most raises the mean over the probe images (spectra (P, M, 2)) of each image's
+    best explained fraction among the K, until no replacement raises it (:func:`swap_search`). ``per_class``: each
+    start's :meth:`StochasticEM.assign_each_class` results for the probe (rotations, shifts, scores (P, K)).
+    Returns the chosen maps' indices into the pool (start * K + class), or None if they are start ``best``'s own.
+
+    Why: the EM often gets one state right and another wrong, and not always the same one: on a simulated set's
+    six starts, ... (bench/RESULTS.md, twentieth session)."""
+    count = em.lattice.count_within(em.config.end_radius_px)
+    power = observed[:, :count].square().sum((-2, -1)).clamp_min(1e-12).to(em.device)  # (P,)
+    explained = torch.cat([-scores / power[:, None] for *_, scores in per_class], 1)  # (P, S * K)
+    own = [best * em.config.classes + k for k in range(em.config.classes)]
+    chosen = swap_search(explained, own)
+    return None if sorted(chosen) == own else chosen
+
+
+def swap_search(explained: torch.Tensor, chosen: list[int]) -> list[int]:
+    """Columns of ``explained`` (P, C) whose per-row maximum has the highest mean, by swaps from ``chosen``: each
+    chosen column in turn replaced by the column that raises that mean most, until no swap raises it."""
+    def value(columns: list[int]) -> float:
+        return float(explained[:, columns].max(1).values.mean())
+
+    chosen, improved = list(chosen), True
+    while improved:
+        improved = False
+        for slot in range(len(chosen)):
+            for column in range(explained.shape[1]):
+                trial = chosen[:slot] + [column] + chosen[slot + 1:]
+                if column not in chosen and value(trial) > value(chosen):
+                    chosen, improved = trial, True
+    return chosen
 
 
 def class_explained_power(em: StochasticEM, observed: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor

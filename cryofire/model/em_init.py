@@ -119,6 +119,16 @@ def fit_scores(observed: torch.Tensor, ctf: torch.Tensor, slices: torch.Tensor, 
     return power[:, :, None] - 2.0 * cross
 
 
+def best_of_classes(rotations: torch.Tensor, shifts: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
+                    ) -> tuple[torch.Tensor, ...]:
+    """Each image's best class of :meth:`StochasticEM.assign_each_class`'s results (rotations (B, K, 3, 3), shifts
+    (B, K, 2) px, scores (B, K), for the class numbers ``classes`` (K,)): rotations (B, 3, 3), shifts (B, 2),
+    classes (B,) and scores (B,)."""
+    best = scores.argmin(1)
+    index = torch.arange(len(scores), device=scores.device)
+    return rotations[index, best], shifts[index, best], classes.to(scores.device)[best], scores[index, best]
+
+
 class StochasticEM:
     """Class maps, their running sums, the noise spectrum and each image's remembered rotation."""
 
@@ -290,13 +300,11 @@ class StochasticEM:
                global_radius_px: float = 7.0) -> tuple[torch.Tensor, ...]:
         """Most likely pose and class of each image (:meth:`assign_each_class`, the class whose pose fits best):
         rotations (B, 3, 3), shifts (B, 2) px, classes (B,) and scores (B,)."""
-        rotations, shifts, scores = self.assign_each_class(observed, ctf, radius_px, n_rotations, local_rounds,
-                                                           candidates, only_class, keep, global_radius_px)
-        best = scores.argmin(1)
-        index = torch.arange(len(observed), device=self.device)
-        classes = torch.as_tensor(range(self.config.classes) if only_class is None else [only_class],
-                                  device=self.device)[best]
-        return rotations[index, best], shifts[index, best], classes, scores[index, best]
+        per_class = self.assign_each_class(observed, ctf, radius_px, n_rotations, local_rounds, candidates,
+                                           only_class, keep, global_radius_px)
+        searched = torch.as_tensor(range(self.config.classes) if only_class is None else [only_class],
+                                   device=self.device)
+        return best_of_classes(*per_class, searched)
 
     @torch.no_grad()
     def assign_each_class(self, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, n_rotations: int = 8192,
