@@ -3,7 +3,9 @@
     python bench/abinit_em.py identifiability --star /work/bench-data/acc32/prep/train.star
     python bench/abinit_em.py em --star /work/bench-data/acc32/prep/train.star
     python bench/abinit_em.py search --star /work/bench-data/acc32/prep/train.star --search-shift-px 6
-    python bench/abinit_em.py starts --star /work/bench-data/acc32/prep/train.star --starts 3 --seed 2
+    python bench/abinit_em.py starts --star /work/bench-data/acc32/prep/train.star --starts 3 --seed 2 \
+        --unblend-images 0 --save-maps maps/
+    python bench/abinit_em.py pool --star /work/bench-data/acc32/prep/train.star --seed 2 --maps maps/start*.pt
 
 ``search``: both class maps rebuilt from the TRUE poses and states of all images (radius 16 px), then the global
 assignment (``StochasticEM.assign``) of 2,000 images: how often the search itself misses the true pose (> 20 deg) or
@@ -11,8 +13,9 @@ class, overall and for the particles more than 3 px off-centre. ``identifiabilit
 TRUE poses of 5,000 images, low-passed to radius r, then the best pose of 400 images by global search (4,096 random
 rotations x shifts, then local refinement): the median rotation error says how much pose information the images
 carry up to r. ``starts``: each EM start's score and per-class explained power, and against the truth its class
-agreement and rotation error. ``em``: the whole initialisation (stochastic EM from random poses, assignment,
-refinement) on the first ``--n-images``, then its rotation error and class agreement.
+agreement and rotation error. ``pool``: the class maps of saved starts pooled, each map's error on each state, and
+the pairs of maps ranked by how well they explain the probe images. ``em``: the whole initialisation (stochastic EM
+from random poses, assignment, refinement) on the first ``--n-images``, then its rotation error and class agreement.
 Results in bench/RESULTS.md ("Ab initio by stochastic EM").
 
 Why: an amortized encoder trained through the image loss alone did not find poses in a few hundred thousand images
@@ -35,7 +38,14 @@ import torch
 
 from cryofire.device import keep_freed_memory
 from cryofire.evaluate import align_poses, rotation_errors_deg
-from cryofire.model.ab_initio import class_explained_power, em_start, initial_poses, probe_rows, start_quality
+from cryofire.model.ab_initio import (
+    class_explained_power,
+    em_start,
+    initial_poses,
+    probe_rows,
+    start_quality,
+    swap_search,
+)
 from cryofire.model.em_init import EMConfig, StochasticEM
 from cryofire.model.em_refine import explained_fraction, reconstruct
 from cryofire.model.image_formation import HalfPlaneLattice
@@ -157,7 +167,9 @@ def pool_maps(star: str, config: EMConfig, n_images: int, maps: list[str], devic
     """The class maps of several EM starts (files of ``starts --save-maps``) pooled: each probe image's best pose in
     every map, then against the truth each map's median error on each state's images (aligned alone), and the pairs
     of maps (from any starts) ranked by the mean over the probe of each image's better explained fraction, with
-    each pair's per-state errors: would choosing two class maps across starts pick the right map of each state?"""
+    each pair's per-state errors: would choosing two class maps across starts pick the right map of each state?
+    Also the maps the package's :func:`~cryofire.model.ab_initio.swap_search` picks from the best-explaining start's
+    own (the package starts from the best by explained power plus un-blending gain)."""
     data = load_spectra(star, n_images)
     probe = probe_rows(len(data["observed"]), config)
     observed, ctf = data["observed"][probe].to(device), data["ctf"][probe].to(device)
@@ -183,6 +195,9 @@ def pool_maps(star: str, config: EMConfig, n_images: int, maps: list[str], devic
         agreement = float(np.mean(picked == states))
         pairs.append((float(better.max(1).values.mean()), names[i], names[j], max(agreement, 1 - agreement),
                       errors[i], errors[j]))
+    own = [[names.index(f"{Path(path).stem}/{k}") for k in range(config.classes)] for path in maps]
+    best = max(own, key=lambda columns: float(explained[:, columns].max(1).values.mean()))
+    print(f"swap search from {[names[c] for c in best]}: {[names[c] for c in swap_search(explained, best)]}")
     for power, first, second, agreement, error_i, error_j in sorted(pairs, reverse=True)[:10]:
         print(f"pair {first} + {second}: explained {power:.4f}, class agreement {agreement:.3f}, errors (state 1 / 2) "
               f"{error_i[0]:.1f} / {error_i[1]:.1f} and {error_j[0]:.1f} / {error_j[1]:.1f} deg")

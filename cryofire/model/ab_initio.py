@@ -5,7 +5,8 @@ Stages (each reported through ``progress``):
 1. **Stochastic EM** (:class:`~cryofire.model.em_init.StochasticEM`) at low resolution from ``starts`` random starts;
    the start whose maps explain the images best (:func:`start_quality`: the explained power, plus what un-blending
    its classes would add) is kept. On simulated SNR-0.1 sets many runs end in a wrong optimum (bench/RESULTS.md),
-   so starts matter.
+   so starts matter; and many get one state right and another wrong, so the kept start's class maps may be swapped
+   for other starts' (:func:`mixed_maps`) when the mixture's quality is higher.
 2. **Global assignment** of every image (best pose, shift and class within ``end_radius_px``).
    The explained power of each class's images is reported (:func:`class_explained_power`): a class that sits in a
    wrong optimum while the others converged explains clearly less.
@@ -146,8 +147,10 @@ def mixed_maps(em: StochasticEM, observed: torch.Tensor, per_class: list[tuple[t
     start's :meth:`StochasticEM.assign_each_class` results for the probe (rotations, shifts, scores (P, K)).
     Returns the chosen maps' indices into the pool (start * K + class), or None if they are start ``best``'s own.
 
-    Why: the EM often gets one state right and another wrong, and not always the same one: on a simulated set's
-    six starts, ... (bench/RESULTS.md, twentieth session)."""
+    Why: the EM often gets one state right and another wrong, and not always the same one. On a simulated SNR-0.1
+    set none of six starts had both states' maps under 10° but four had one (each state's best map at 5.3° and 7.2°,
+    from two starts), and of all pairs of the twelve maps the one explaining the probe best was those two (0.6675,
+    against 0.6607 for the best start's own; bench/RESULTS.md, twentieth session)."""
     count = em.lattice.count_within(em.config.end_radius_px)
     power = observed[:, :count].square().sum((-2, -1)).clamp_min(1e-12).to(em.device)  # (P,)
     explained = torch.cat([-scores / power[:, None] for *_, scores in per_class], 1)  # (P, S * K)
