@@ -117,25 +117,28 @@ def best_em_start(observed: torch.Tensor, ctf: torch.Tensor, box_size: int, conf
     probe = probe_rows(len(observed), config)
     probe_observed, probe_ctf = observed[probe], ctf[probe]
     classes = torch.arange(config.classes)
-    starts, qualities = [], []
+    em, best, maps, per_class, qualities = None, 0, [], [], []  # the best start's EM; every start's maps and probe
     for start in range(config.starts):
         candidate = em_start(observed, ctf, box_size, config, start, device, report)
-        per_class = candidate.assign_each_class(probe_observed, probe_ctf, config.end_radius_px)
-        explained, gain = start_quality(candidate, probe_observed, probe_ctf, best_of_classes(*per_class, classes))
+        found = candidate.assign_each_class(probe_observed, probe_ctf, config.end_radius_px)
+        explained, gain = start_quality(candidate, probe_observed, probe_ctf, best_of_classes(*found, classes))
         report("start", {"start": start + 1, "explained_power": explained, "unblend_gain": gain}, None)
-        starts.append((candidate, per_class))
+        if em is None or explained + gain > qualities[best]:
+            em, best = candidate, start
+        maps.append(candidate.volume_ft)
+        per_class.append(found)
         qualities.append(explained + gain)
-    best = max(range(config.starts), key=qualities.__getitem__)
-    em = starts[best][0]
-    chosen = mixed_maps(em, probe_observed, [per_class for _, per_class in starts], best)
-    if chosen is None or config.classes == 1:  # one class: a start's map is that start, compared already
+    if config.classes == 1:  # one class: another start's map is that start, compared already
         return em
-    per_class = tuple(torch.cat([values[i] for _, values in starts], 1)[:, chosen] for i in range(3))
-    explained, gain = start_quality(em, probe_observed, probe_ctf, best_of_classes(*per_class, classes))
-    maps = [(c // config.classes + 1, c % config.classes) for c in chosen]
-    report("mixed start", {"maps": maps, "explained_power": explained, "unblend_gain": gain}, None)
+    chosen = mixed_maps(em, probe_observed, per_class, best)
+    if chosen is None:
+        return em
+    mixed = tuple(torch.cat([found[i] for found in per_class], 1)[:, chosen] for i in range(3))
+    explained, gain = start_quality(em, probe_observed, probe_ctf, best_of_classes(*mixed, classes))
+    report("mixed start", {"maps": [(c // config.classes + 1, c % config.classes) for c in chosen],
+                           "explained_power": explained, "unblend_gain": gain}, None)
     if explained + gain > qualities[best]:
-        em.volume_ft = torch.stack([starts[c // config.classes][0].volume_ft[c % config.classes] for c in chosen])
+        em.volume_ft = torch.stack([maps[c // config.classes][c % config.classes] for c in chosen])
     return em
 
 
