@@ -174,7 +174,8 @@ def pool_maps(star: str, config: EMConfig, n_images: int, maps: list[str], devic
     probe = probe_rows(len(data["observed"]), config)
     observed, ctf = data["observed"][probe].to(device), data["ctf"][probe].to(device)
     states, truth = data["states"][probe.numpy()], data["rotations"][probe]
-    volumes = torch.cat([torch.load(path) for path in maps]).to(device)
+    loaded = [torch.load(path) for path in maps]  # (K, G, G, G) each
+    volumes = torch.cat(loaded).to(device)
     em = StochasticEM(data["size"], len(observed), dataclasses.replace(config, classes=len(volumes)), device)
     em.volume_ft = volumes
     parts = [em.assign_each_class(observed[part], ctf[part], config.end_radius_px)
@@ -182,7 +183,7 @@ def pool_maps(star: str, config: EMConfig, n_images: int, maps: list[str], devic
     rotations, _, scores = (torch.cat(values).cpu() for values in zip(*parts))  # (P, K, 3, 3), _, (P, K)
     count = em.lattice.count_within(config.end_radius_px)
     explained = explained_fraction(scores, observed[:, None, :count].cpu())  # (P, K)
-    names = [f"{Path(path).stem}/{k}" for path in maps for k in range(len(torch.load(path)))]
+    names = [f"{Path(path).stem}/{k}" for path, start in zip(maps, loaded) for k in range(len(start))]
     errors = np.array([[median_error_deg(rotations[states == s, k], truth[states == s]) for s in (0, 1)]
                        for k in range(len(names))])
     for name, error, power in zip(names, errors, explained.mean(0)):
@@ -195,7 +196,7 @@ def pool_maps(star: str, config: EMConfig, n_images: int, maps: list[str], devic
         agreement = float(np.mean(picked == states))
         pairs.append((float(better.max(1).values.mean()), names[i], names[j], max(agreement, 1 - agreement),
                       errors[i], errors[j]))
-    own = [[names.index(f"{Path(path).stem}/{k}") for k in range(config.classes)] for path in maps]
+    own = [[names.index(f"{Path(path).stem}/{k}") for k in range(len(start))] for path, start in zip(maps, loaded)]
     best = max(own, key=lambda columns: float(explained[:, columns].max(1).values.mean()))
     print(f"swap search from {[names[c] for c in best]}: {[names[c] for c in swap_search(explained, best)]}")
     for power, first, second, agreement, error_i, error_j in sorted(pairs, reverse=True)[:10]:

@@ -50,10 +50,10 @@ def _no_progress(stage: str, info: dict, poses: tuple | None) -> None:
 
 
 def _explained(em: StochasticEM, observed: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """:func:`~cryofire.model.em_refine.explained_fraction` (B,) of spectra (B, M, 2) whose scores (B,) were
-    computed within ``end_radius_px``."""
+    """:func:`~cryofire.model.em_refine.explained_fraction` (B, ...) of spectra (B, ..., M, 2) whose scores (B, ...)
+    were computed within ``end_radius_px``."""
     count = em.lattice.count_within(em.config.end_radius_px)
-    return explained_fraction(scores, observed[:, :count].to(scores.device))
+    return explained_fraction(scores, observed[..., :count, :].to(scores.device))
 
 
 def assign_all(em: StochasticEM, observed: torch.Tensor, ctf: torch.Tensor, radius_px: float, chunk: int = 500
@@ -154,9 +154,8 @@ def mixed_maps(em: StochasticEM, observed: torch.Tensor, per_class: list[tuple[t
     set none of six starts had both states' maps under 10° but four had one (each state's best map at 5.3° and 7.2°,
     from two starts), and of all pairs of the twelve maps the one explaining the probe best was those two (0.6675,
     against 0.6607 for the best start's own; bench/RESULTS.md, twentieth session)."""
-    count = em.lattice.count_within(em.config.end_radius_px)
-    power = observed[:, :count].square().sum((-2, -1)).clamp_min(1e-12).to(em.device)  # (P,)
-    explained = torch.cat([-scores / power[:, None] for *_, scores in per_class], 1)  # (P, S * K)
+    scores = torch.cat([scores for *_, scores in per_class], 1)  # (P, S * K)
+    explained = _explained(em, observed[:, None], scores)
     own = [best * em.config.classes + k for k in range(em.config.classes)]
     chosen = swap_search(explained, own)
     return None if sorted(chosen) == own else chosen
@@ -168,14 +167,14 @@ def swap_search(explained: torch.Tensor, chosen: list[int]) -> list[int]:
     def value(columns: list[int]) -> float:
         return float(explained[:, columns].max(1).values.mean())
 
-    chosen, improved = list(chosen), True
+    chosen, best, improved = list(chosen), value(chosen), True
     while improved:
         improved = False
         for slot in range(len(chosen)):
             for column in range(explained.shape[1]):
                 trial = chosen[:slot] + [column] + chosen[slot + 1:]
-                if column not in chosen and value(trial) > value(chosen):
-                    chosen, improved = trial, True
+                if column not in chosen and value(trial) > best:
+                    chosen, best, improved = trial, value(trial), True
     return chosen
 
 
